@@ -1,0 +1,45 @@
+"""`python -m runner [overrides]`: compose, plan, write the run directory, launch the ranks.
+
+The Hydra process is the only one that parses the command line. It validates everything it can before writing a
+single file, so bad input leaves nothing behind; then it writes config.yaml, overrides.yaml, ds_config.json and
+launch.sh into the run directory and starts the real launcher (deepspeed or torchrun) on `runner.worker`.
+"""
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from runner import driver
+from runner.errors import ConfigError
+
+_task_started = False
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    global _task_started
+    _task_started = True
+    try:
+        return driver.run(cfg)
+    except ConfigError as err:
+        driver.discard_empty_run_dir()
+        print(err.render(), file=sys.stderr)
+        sys.exit(2)
+
+
+def cli() -> None:
+    try:
+        main()
+    except SystemExit as exc:
+        # Hydra reports composition errors (unknown group option, malformed or unknown override) with its own clear
+        # message and exit code 1; they are bad input, so exit 2 as for every other bad input.
+        if exc.code == 1 and not _task_started:
+            driver.discard_empty_run_dir()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    cli()

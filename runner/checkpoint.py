@@ -1,0 +1,67 @@
+"""DeepSpeed checkpoints (save every N steps, keep the last K, resume) and the final Hugging Face export."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from runner.engine import Dist
+
+
+def save(engine, run_dir: Path, step: int, state: dict, keep_last: int, dist: Dist) -> Path:
+    """engine.save_checkpoint (model, optimizer, scheduler, ZeRO partitions) + the loop state and every rank's RNG."""
+    import deepspeed.comm as dist_comm
+
+    ckpt_dir = run_dir / "checkpoints"
+    tag = f"step{step}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"loop": state})
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save(rng, ckpt_dir / tag / f"rng_rank{dist.rank}.pt")
+    dist_comm.barrier()
+    if dist.main and keep_last > 0:
+        tags = sorted((p for p in ckpt_dir.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
+        for old in tags[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist_comm.barrier()
+    return ckpt_dir / tag
+
+
+def resume(engine, run_dir: Path, dist: Dist) -> dict:
+    """Load the latest checkpoint into the engine; return the loop state saved with it."""
+    ckpt_dir = run_dir / "checkpoints"
+    path, client = engine.load_checkpoint(str(ckpt_dir))
+    if path is None:
+        raise RuntimeError(f"no loadable checkpoint under {ckpt_dir}")
+    rng_file = Path(path) / f"rng_rank{dist.rank}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return client["loop"]
+
+
+def full_state_dict(engine) -> dict | None:
+    """The whole model's weights on rank 0 (gathered layer by layer under ZeRO-3), None on other ranks."""
+    if engine.zero_optimization_partition_weights():
+        state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank must call it
+    else:
+        state = engine.module.state_dict()
+    return {k: v.detach().cpu().clone() for k, v in state.items()} if state is not None else None
+
+
+def export_hf(engine, tokenizer, out_dir: Path, dist: Dist, info: dict) -> Path:
+    """A Hugging Face directory (config, safetensors weights, tokenizer) that from_pretrained loads."""
+    state = full_state_dict(engine)
+    if dist.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        module = engine.module
+        module.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(str(out_dir))
+        (out_dir / "runner_export.json").write_text(json.dumps(info, indent=2) + "\n")
+    import deepspeed.comm as dist_comm
+
+    dist_comm.barrier()
+    return out_dir

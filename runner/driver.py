@@ -1,0 +1,175 @@
+"""What the Hydra process does with a composed config: plan, prepare data, write the run directory, launch."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from runner import launch, plan as planning
+from runner.ds_config import build_ds_config
+from runner.errors import ConfigError
+
+_hydra_dir: Path | None = None   # the directory Hydra created for this job (removed again if left empty)
+
+
+def discard_empty_run_dir() -> None:
+    """Remove the run directory Hydra made before the job started, if nothing was written to it."""
+    path = _hydra_dir
+    for _ in range(2):  # the run dir and its step folder, when both are empty
+        if path is None or not path.is_dir() or any(path.iterdir()) or path.resolve() == Path.cwd().resolve():
+            return
+        path.rmdir()
+        path = path.parent
+        if path.name == "outputs":
+            return
+
+
+def _task_overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task)
+
+
+def _redact(overrides: list[str], secrets: list[str]) -> list[str]:
+    return [o if not any(o.lstrip("+~").startswith(s + "=") for s in secrets) else o.split("=", 1)[0] + "=<redacted>"
+            for o in overrides]
+
+
+def _resume_config(cfg: DictConfig) -> tuple[DictConfig, list[str]]:
+    """Recompose a run's config from the overrides it was started with, plus the new ones given now."""
+    from hydra import compose
+
+    run_dir = Path(os.path.expanduser(str(cfg.resume))).resolve()
+    saved = run_dir / "overrides.yaml"
+    if not saved.is_file():
+        raise ConfigError("resume", f"{run_dir} is not a run directory (it has no overrides.yaml)",
+                          "pass the directory a previous `python -m runner` printed as its run directory")
+    ckpt = run_dir / "checkpoints" / "latest"
+    if not ckpt.is_file():
+        raise ConfigError("resume", f"{run_dir} has no checkpoint to resume from (no checkpoints/latest)",
+                          "set train.save_every=N so runs save checkpoints, or start a new run without resume=")
+    old = yaml.safe_load(saved.read_text()) or []
+    new = [o for o in _task_overrides() if not o.split("=", 1)[0].lstrip("+~") in ("resume", "run_dir")]
+    if any("<redacted>" in o for o in old):
+        raise ConfigError("resume", "the run was started with a secret on the command line (it was not saved)",
+                          "put the secret in the environment (e.g. WANDB_API_KEY) and resume again")
+    overrides = old + new + [f"run_dir={run_dir}", f"resume={run_dir}"]
+    return compose(config_name="config", overrides=overrides), old + new
+
+
+def _total_steps(train: DictConfig, steps_per_epoch: int) -> int:
+    if train.max_steps:
+        return int(train.max_steps)
+    return int(train.epochs) * steps_per_epoch
+
+
+def _print_plan(p: planning.Plan, ds: dict, cmd: list[str], env: dict, memory: dict | None, extra: list[str]) -> None:
+    cfg = OmegaConf.to_container(p.cfg, resolve=True)
+    print("# composed recipe\n" + yaml.safe_dump(cfg, sort_keys=False).rstrip())
+    print("\n# ds_config.json\n" + json.dumps(ds, indent=2))
+    print("\n# launcher command\n" + " ".join(f"{k}={v}" for k, v in sorted(env.items())) + " " +
+          " ".join(map(lambda s: s if s and " " not in s else repr(s), cmd)))
+    if memory:
+        print(f"\n# model-state memory ({memory['source']})\n"
+              f"parameters: {memory['num_params']:,}   devices: {memory['devices']}\n"
+              f"per device: {memory['per_device_gb']:.2f} GiB   per node (CPU): {memory['per_node_cpu_gb']:.2f} GiB")
+    for note in p.notes + extra:
+        print(f"note: {note}")
+
+
+def run(cfg: DictConfig) -> float | None:
+    global _hydra_dir
+    _hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+    overrides = _task_overrides()
+    if cfg.resume:
+        cfg, overrides = _resume_config(cfg)
+    p = planning.make_plan(cfg)
+    run_dir = Path(os.path.expanduser(str(p.cfg.run_dir))).resolve()
+
+    secrets = planning.secret_keys(p.cfg)
+    secret_env = {}
+    for key in secrets:  # never written to the run directory; handed to the ranks through their environment
+        value = OmegaConf.select(p.cfg, key)
+        if key.startswith("logger.") and value:
+            secret_env["WANDB_API_KEY"] = str(value)
+        OmegaConf.update(p.cfg, key, None, force_add=True)
+
+    from runner import data, modeling
+
+    tokenizer = modeling.load_tokenizer(p.cfg.model)
+    arch_params = modeling.count_params(p.cfg.model, tokenizer)
+    extra_notes: list[str] = []
+    prepared = None
+    try:
+        prepared = data.prepare(p.cfg, tokenizer, cache_root=Path(p.cfg.cache_dir).resolve())
+    except ConfigError:
+        if not p.cfg.dry_run or planning.is_local_path(str(p.cfg.data.path)):
+            raise
+        extra_notes.append(f"data set {p.cfg.data.path} is not available here: total_num_steps is computed at launch")
+    steps_per_epoch = prepared.steps_per_epoch(p.cfg.train, p.world_size) if prepared else 0
+    total = _total_steps(p.cfg.train, steps_per_epoch)
+    if prepared and total < 1:
+        raise ConfigError("train.micro_batch_size", f"the training split has {prepared.counts['train']} samples, "
+                          f"fewer than one step of micro_batch_size × world size × gradient_accumulation_steps",
+                          "lower train.micro_batch_size or use more data")
+    OmegaConf.update(p.cfg, "runtime", {
+        "world_size": p.world_size, "nodes": p.nodes, "total_steps": total, "steps_per_epoch": steps_per_epoch,
+        "cwd": os.getcwd(), "run_dir": str(run_dir), "num_params": arch_params,
+        "data": prepared.as_dict() if prepared else None, "notes": p.notes + extra_notes}, force_add=True)
+
+    ds = build_ds_config(p.cfg, p.world_size, total, str(run_dir))
+    cmd = launch.launcher_command(p.deployment, str(run_dir))
+    env = launch.worker_env(p.deployment)
+    if p.deployment.name == "multi_node":
+        env["DS_ENV_FILE"] = str(run_dir / "deepspeed_env")
+
+    gpus_per_node = max(p.nodes.values())
+    largest = p.cfg.model.get("largest_layer_params") or modeling.largest_layer(p.cfg.model, tokenizer)
+    from runner.memory import model_state_memory
+
+    memory = model_state_memory(p.cfg, arch_params, largest, gpus_per_node, len(p.nodes))
+    if p.cfg.dry_run:
+        _print_plan(p, ds, cmd, env, memory, extra_notes)
+        discard_empty_run_dir()
+        return None
+
+    if p.cfg.resume:
+        saved = json.loads((run_dir / "ds_config.json").read_text())
+        if saved["train_batch_size"] != ds["train_batch_size"]:
+            raise ConfigError("resume", f"the run was trained with world size × batch = {saved['train_batch_size']} "
+                              f"samples per step, this launch would use {ds['train_batch_size']}",
+                              "resume on the same number of ranks with the same batch settings")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(p.cfg))
+    (run_dir / "overrides.yaml").write_text(yaml.safe_dump(_redact(overrides, secrets)))
+    (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+    (run_dir / "launch.sh").write_text(launch.launch_script(cmd, env, os.getcwd()))
+    (run_dir / "launch.sh").chmod(0o755)
+    if p.deployment.name == "multi_node":
+        (run_dir / "deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in env.items() if k != "DS_ENV_FILE"))
+    (run_dir / "memory_plan.json").write_text(json.dumps(memory, indent=2) + "\n")
+
+    print(f"run directory: {run_dir}")
+    print(f"DeepSpeed config: {run_dir / 'ds_config.json'}")
+    print(f"launch: {' '.join(cmd)}")
+    for note in p.notes:
+        print(f"note: {note}")
+    sys.stdout.flush()
+    start = time.time()
+    rc = subprocess.call(cmd, env={**os.environ, **env, **secret_env})
+    if rc != 0:
+        print(f"error: the launcher exited with code {rc} after {time.time() - start:.0f} s; "
+              f"see the output above and {run_dir}", file=sys.stderr)
+        sys.exit(rc)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    print(f"done in {time.time() - start:.0f} s: summary {summary_path}"
+          + (f", model {summary['export_dir']}" if summary.get("export_dir") else ""))
+    objective = summary.get("objective")
+    return float(objective) if objective is not None and math.isfinite(objective) else None

@@ -1,0 +1,99 @@
+"""Distributed set-up and DeepSpeed engines: one call per engine, the same for every stage."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(threads: int | None) -> Dist:
+    """Join the process group the launcher set up (RANK, WORLD_SIZE, MASTER_ADDR, ... in the environment)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                         ("MASTER_PORT", "29500")):
+        os.environ.setdefault(key, default)  # a plain `python -m runner.worker DIR` runs as a single rank
+    deepspeed.init_distributed()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    accel = get_accelerator()
+    if accel.device_name() == "cuda":
+        accel.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return Dist(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]), local_rank=local_rank, device=device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def param_groups(model: torch.nn.Module, optimizer: DictConfig) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if any(nd in name for nd in optimizer.no_decay) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": float(optimizer.weight_decay)},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def initialize(model: torch.nn.Module, optimizer: DictConfig, ds_config: dict):
+    """deepspeed.initialize with the optimizer from the JSON (impl=deepspeed) or a client torch AdamW (impl=torch);
+    the LR schedule always comes from the JSON's scheduler block."""
+    import deepspeed
+
+    groups = param_groups(model, optimizer)
+    client = None
+    if optimizer.impl == "torch":
+        client = torch.optim.AdamW(groups, lr=float(optimizer.lr), betas=tuple(optimizer.betas),
+                                   eps=float(optimizer.eps))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=client, model_parameters=None if client else groups,
+                                      config=ds_config)
+    return engine
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    import deepspeed.comm as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def gather_objects(obj, world: int) -> list:
+    import deepspeed.comm as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out

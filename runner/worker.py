@@ -1,0 +1,41 @@
+"""`python -m runner.worker RUN_DIR`: what every rank runs. It reads the run directory the driver wrote (never the
+command line Hydra parsed), joins the process group and runs the stage named in the config."""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m runner.worker RUN_DIR", file=sys.stderr)
+        return 2
+    run_dir = Path(argv[0]).resolve()
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    ds_config = json.loads((run_dir / "ds_config.json").read_text())
+    from runner.engine import init_distributed
+
+    dist = init_distributed(cfg.deployment.get("threads_per_rank"))
+    if dist.world != cfg.runtime.world_size:
+        print(f"error: the run was planned for {cfg.runtime.world_size} ranks but {dist.world} started; "
+              f"launch it with {run_dir / 'launch.sh'}", file=sys.stderr)
+        return 2
+    stage = importlib.import_module(f"runner.stages.{cfg.step.name}")
+    try:
+        stage.run(cfg, ds_config, run_dir, dist)
+    finally:
+        import deepspeed.comm as dist_comm
+        import torch.distributed
+
+        if torch.distributed.is_initialized():
+            dist_comm.barrier()
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
