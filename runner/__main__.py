@@ -29,14 +29,27 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
 
 
+def _check_override_syntax(args: list[str]) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+    except OverrideParseException as exc:
+        print(f"error: override {exc.override!r} is malformed: {str(exc.message).splitlines()[0]}\n"
+              "  fix: write KEY=VALUE (quote values with spaces or brackets, e.g. 'data.path=\"a b.jsonl\"'); "
+              "lists are [a,b]", file=sys.stderr)
+        sys.exit(2)
+
+
 def cli() -> None:
+    _check_override_syntax(sys.argv[1:])
     try:
         main()
     except SystemExit as exc:
         # Hydra reports composition errors (unknown group option, malformed or unknown override) with its own clear
         # message and exit code 1; they are bad input, so exit 2 as for every other bad input.
         if exc.code == 1 and not _task_started:
-            driver.discard_empty_run_dir()
             sys.exit(2)
         raise
 

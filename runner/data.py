@@ -53,8 +53,11 @@ def _load_files(path: Path, splits: list[str]):
 
 def load_raw(data: DictConfig, seed: int):
     """The train and eval splits of a data set, as `datasets.Dataset`s."""
+    import datasets
     from datasets import Dataset, DatasetDict, load_dataset
 
+    datasets.utils.logging.set_verbosity(50)  # CRITICAL: errors are reported once, by the runner
+    datasets.disable_progress_bars()
     path = str(data.path)
     wanted = [s for s in (data.splits.train, data.splits.eval) if s]
     try:
@@ -65,6 +68,8 @@ def load_raw(data: DictConfig, seed: int):
     except ConfigError:
         raise
     except Exception as exc:  # unreadable file, malformed JSON, hub not reachable, ...
+        while type(exc).__name__ == "DatasetGenerationError" and exc.__cause__ is not None:
+            exc = exc.__cause__  # datasets wraps the real reason (e.g. "JSON parse error: ... in row 0")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError("data.path", f"cannot load {path!r}: {first}",
                           "check the file (or, for a hub id, that the hub is reachable or a local copy is given)"

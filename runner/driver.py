@@ -102,16 +102,18 @@ def run(cfg: DictConfig) -> float | None:
 
     from runner import data, modeling
 
-    tokenizer = modeling.load_tokenizer(p.cfg.model)
-    arch_params = modeling.count_params(p.cfg.model, tokenizer)
     extra_notes: list[str] = []
-    prepared = None
-    try:
+    tokenizer, prepared = None, None
+    local_inputs = planning.is_local_path(str(p.cfg.model.tokenizer)) and planning.is_local_path(str(p.cfg.data.path))
+    if p.cfg.dry_run:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # a plan never touches the network
+    if not p.cfg.dry_run or local_inputs:
+        tokenizer = modeling.load_tokenizer(p.cfg.model)
         prepared = data.prepare(p.cfg, tokenizer, cache_root=Path(p.cfg.cache_dir).resolve())
-    except ConfigError:
-        if not p.cfg.dry_run or planning.is_local_path(str(p.cfg.data.path)):
-            raise
-        extra_notes.append(f"data set {p.cfg.data.path} is not available here: total_num_steps is computed at launch")
+    else:
+        extra_notes.append(f"dry run: data set {p.cfg.data.path} is not read, so total_num_steps "
+                           "(epochs x steps per epoch) is computed at launch")
+    arch_params = modeling.count_params(p.cfg.model, tokenizer)
     steps_per_epoch = prepared.steps_per_epoch(p.cfg.train, p.world_size) if prepared else 0
     total = _total_steps(p.cfg.train, steps_per_epoch)
     if prepared and total < 1:

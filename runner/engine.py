@@ -75,6 +75,16 @@ def initialize(model: torch.nn.Module, optimizer: DictConfig, ds_config: dict):
     return engine
 
 
+def grad_norm(engine) -> float | None:
+    """The global gradient norm before clipping, where DeepSpeed does not record it itself: at ZeRO stage 0 the
+    module holds every (already all-reduced) gradient at the accumulation boundary. Other stages return None and
+    the caller reads engine.get_global_grad_norm() after the step."""
+    if engine.zero_optimization_stage() != 0:
+        return None
+    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+
+
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     import deepspeed.comm as dist
 

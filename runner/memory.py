@@ -21,8 +21,8 @@ def model_state_memory(cfg: DictConfig, num_params: int, largest_layer: int, gpu
     offload_param = OmegaConf.select(cfg.zero, "offload_param.device", default="none") not in ("none", None)
     total = gpus_per_node * nodes
     if stage == 3:
-        cpu, dev = estimate_zero3_model_states_mem_needs(num_params, largest_layer, gpus_per_node, nodes,
-                                                         cpu_offload=offload_opt, cpu_offload_params=offload_param)
+        cpu, dev, _ = estimate_zero3_model_states_mem_needs(num_params, largest_layer, gpus_per_node, nodes,
+                                                            cpu_offload=offload_opt, cpu_offload_params=offload_param)
         source = "deepspeed estimate_zero3_model_states_mem_needs"
     elif stage == 2 or (stage == 1 and offload_opt):
         cpu, dev = estimate_zero2_model_states_mem_needs(num_params, gpus_per_node, nodes, cpu_offload=offload_opt)

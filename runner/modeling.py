@@ -1,7 +1,6 @@
 """Tokenizers and models: from the hub, from a local directory, or built from an architecture (the tiny model)."""
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -75,19 +74,22 @@ def largest_layer(model: DictConfig, tokenizer=None) -> int:
 
 def load_causal_lm(model: DictConfig, ds_config: dict, dtype: str, gradient_checkpointing: bool = False):
     """A causal LM, partitioned at construction under ZeRO-3 so that no rank ever holds the whole model."""
-    import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     config = model_config(model)
     zero3 = ds_config["zero_optimization"]["stage"] == 3
     torch_dtype = DTYPES[dtype]
+    if zero3:
+        # zero.Init patches torch.Tensor.__new__; torch._dynamo, imported lazily by transformers while the model is
+        # built, checks that signature at import and fails. Import it before entering the context.
+        import torch._dynamo  # noqa: F401
+    # Under ZeRO-3 transformers partitions the model while it is built (deepspeed.zero.Init), for from_config and
+    # from_pretrained alike, as long as an HfDeepSpeedConfig is alive.
+    keep = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841
     if model.path is None:
-        init = deepspeed.zero.Init(config_dict_or_path=ds_config) if zero3 else contextlib.nullcontext()
-        with init:
-            net = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        net = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     else:
-        keep = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841  (must stay alive during from_pretrained)
         net = AutoModelForCausalLM.from_pretrained(os.path.expanduser(str(model.path)), config=config,
                                                    dtype=torch_dtype)
     if gradient_checkpointing:

@@ -116,6 +116,9 @@ def _resolve_deployment(cfg: DictConfig, hw: Hardware, dry_run: bool, notes: lis
     if not isinstance(nproc, int) or nproc < 1:
         raise ConfigError("deployment.nproc_per_node", f"must be a positive integer, got {nproc!r}")
     if not dry_run:
+        if dep.accelerator == "cuda" and not hw.cuda_devices:
+            raise ConfigError("deployment", f"deployment={dep.name} needs CUDA GPUs and none is visible",
+                              "use deployment=cpu on this machine (or dry_run=true to plan for GPUs)")
         if dep.accelerator == "cuda" and nproc > hw.cuda_devices:
             raise ConfigError("deployment.nproc_per_node", f"{nproc} ranks need {nproc} GPUs, but {hw.cuda_devices} "
                               "are visible", f"set deployment.nproc_per_node to at most {hw.cuda_devices}, or use "

@@ -73,8 +73,11 @@ def run(cfg: DictConfig, ds_config: dict, run_dir: Path, dist: Dist) -> None:
     speed, losses, last_eval = Throughput(), [], None
     started, step = time.time(), state["step"]
     epoch_batches = data.train_batches(len(train_set), micro, dist.world, dist.rank, int(cfg.seed), state["epoch"])
-    while step < total_steps:
-        for _ in range(gas):
+    stop_at = int(train_cfg.stop_at_step or total_steps)
+    while step < min(total_steps, stop_at):
+        logging_step = (step + 1) % int(train_cfg.log_every) == 0 or step + 1 == total_steps
+        grad_norm = None
+        for micro_step in range(gas):
             if state["micro_in_epoch"] >= len(epoch_batches) // gas * gas:  # next epoch (incomplete steps dropped)
                 state["epoch"], state["micro_in_epoch"] = state["epoch"] + 1, 0
                 epoch_batches = data.train_batches(len(train_set), micro, dist.world, dist.rank, int(cfg.seed),
@@ -83,6 +86,8 @@ def run(cfg: DictConfig, ds_config: dict, run_dir: Path, dist: Dist) -> None:
             batch = {k: v.to(dist.device) for k, v in collate([train_set[i] for i in idx]).items()}
             loss = engine(**batch).loss
             engine.backward(loss)
+            if logging_step and micro_step == gas - 1:
+                grad_norm = eng.grad_norm(engine)
             engine.step()
             state["micro_in_epoch"] += 1
             speed.add(batch)
@@ -98,7 +103,7 @@ def run(cfg: DictConfig, ds_config: dict, run_dir: Path, dist: Dist) -> None:
             state["tokens"] += int(tokens)
             peak = eng.gather_objects(round(eng.peak_memory_mb(dist.device), 1), dist.world)
             metrics.log(step, {"loss": loss_mean / dist.world, "lr": engine.get_lr()[0],
-                               "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                               "grad_norm": _float(grad_norm if grad_norm is not None else engine.get_global_grad_norm()),
                                "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed,
                                "padding_share": 1 - tokens / max(padded, 1), "epoch": state["epoch"],
                                "peak_memory_mb": peak})
@@ -109,8 +114,15 @@ def run(cfg: DictConfig, ds_config: dict, run_dir: Path, dist: Dist) -> None:
             last_eval = evaluate(engine, eval_set, collate, micro, dist, train_cfg.eval_max_batches)
             metrics.log(step, last_eval, prefix="eval")
         save_every = int(train_cfg.save_every)
-        if (save_every and step % save_every == 0) or step == total_steps:
+        if (save_every and step % save_every == 0) or step in (total_steps, stop_at):
             checkpoint.save(engine, run_dir, step, state, int(train_cfg.keep_last), dist)
+
+    if step < total_steps:  # stopped early on purpose (train.stop_at_step): checkpoint saved, resume continues
+        metrics.close(None)
+        if dist.main:
+            print(f"stopped at step {step} of {total_steps} (train.stop_at_step); continue with "
+                  f"`python -m runner resume={run_dir} train.stop_at_step=null`")
+        return
 
     # ---- export and summary
     export_dir = None
@@ -128,6 +140,10 @@ def run(cfg: DictConfig, ds_config: dict, run_dir: Path, dist: Dist) -> None:
                "export_dir": str(export_dir) if export_dir else None,
                "zero_partitioned_numel": _local_partition_numel(engine, dist)}
     metrics.close(summary)
+
+
+def _float(value) -> float | None:
+    return None if value is None else float(value)
 
 
 def _read_losses(run_dir: Path) -> list[float]:

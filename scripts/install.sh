@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install runner and its dependencies into the active Python environment (a venv is recommended):
+#   python3 -m venv .venv && . .venv/bin/activate && bash scripts/install.sh
+#
+# torch is installed first so that the right build is chosen:
+#   - a machine with an NVIDIA GPU (nvidia-smi works) gets PyPI's default Linux wheel, which is the CUDA build;
+#   - a machine without one gets the CPU build (torch==$CPU_TORCH+cpu), never the multi-GB CUDA wheel. Where no
+#     local wheel or index provides it, set TORCH_INDEX to PyTorch's CPU wheel index and run again.
+# A torch that is already installed is kept. Set TORCH_SPEC to force a specific requirement.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CPU_TORCH=${CPU_TORCH:-2.13.0}
+PIP="python -m pip"
+
+if python -c "import torch" 2>/dev/null; then
+  echo "install: keeping the installed torch $(python -c 'import torch; print(torch.__version__)')"
+else
+  if [ -n "${TORCH_SPEC:-}" ]; then
+    spec=$TORCH_SPEC
+  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    spec="torch>=2.4"          # CUDA build from PyPI
+  else
+    spec="torch==${CPU_TORCH}+cpu"
+  fi
+  echo "install: $spec"
+  if ! $PIP install "$spec" ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"}; then
+    echo "install: could not install $spec. On a CPU machine set TORCH_INDEX to PyTorch's CPU wheel index" \
+         "(or TORCH_SPEC to a torch requirement you can install) and run again." >&2
+    exit 1
+  fi
+fi
+# DeepSpeed builds its ops just in time when they are first used (DS_BUILD_OPS=0): no CUDA toolkit needed to install.
+DS_BUILD_OPS=0 $PIP install -e ".[dev]"
+python -c "import torch, deepspeed, transformers; print(f'install: torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, cuda available: {torch.cuda.is_available()}')"

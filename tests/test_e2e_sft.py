@@ -1,0 +1,100 @@
+"""SFT end to end on CPU through the real launcher: ZeRO 0-3 on one rank, ZeRO 2-3 on two ranks, sharding, resume,
+export. Marked e2e (about 20-40 s per run, mostly launcher and DeepSpeed start-up)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.e2e import QUICK, metrics, run_cli, run_dir_of, summary
+
+pytestmark = pytest.mark.e2e
+
+
+def assert_learned(run_dir):
+    losses = metrics(run_dir, "train/loss")
+    steps = sorted(losses)
+    assert steps[-1] == 40
+    first, last = losses[steps[0]], losses[steps[-1]]
+    assert last < 0.6 * first, f"train loss did not fall enough: {first:.3f} -> {last:.3f}"
+    evals = metrics(run_dir, "eval/loss")
+    assert evals[40] < evals[20] * 1.05 and evals[40] < 0.5 * first
+    s = summary(run_dir)
+    assert s["steps"] == 40 and s["eval_loss"] == pytest.approx(evals[40])
+
+
+@pytest.mark.parametrize("zero", ["stage0", "stage1", "stage2", "stage3"])
+def test_sft_one_rank(tmp_path, zero):
+    proc = run_cli(tmp_path, f"zero={zero}", *QUICK)
+    run_dir = run_dir_of(proc)
+    assert_learned(run_dir)
+    ds = json.loads((run_dir / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == int(zero[-1]) and ds["train_batch_size"] == 8
+    row = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r][-1]
+    assert row["train/grad_norm"] > 0 and row["train/tokens_per_s"] > 0 and len(row["train/peak_memory_mb"]) == 1
+    assert 0 <= row["train/padding_share"] < 0.1
+
+
+@pytest.mark.parametrize("zero", ["stage2", "stage3"])
+def test_sft_two_ranks(tmp_path, zero):
+    proc = run_cli(tmp_path, f"zero={zero}", "deployment=cpu", "deployment.nproc_per_node=2",
+                   "train.micro_batch_size=4", *QUICK)
+    run_dir = run_dir_of(proc)
+    assert_learned(run_dir)
+    s = summary(run_dir)
+    assert s["world_size"] == 2 and len(s["peak_memory_mb"]) == 2
+    if zero == "stage3":
+        total = json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())))
+        num_params = total["runtime"]["num_params"]
+        shards = s["zero_partitioned_numel"]
+        # each rank holds about half of the parameters (DeepSpeed pads partitions to equal size)
+        assert len(shards) == 2 and all(0.45 * num_params < n < 0.6 * num_params for n in shards), (shards, num_params)
+        check_export_matches_checkpoint(run_dir)
+
+
+def check_export_matches_checkpoint(run_dir):
+    """The exported HF model reloads, matches the weights in DeepSpeed's checkpoint, and generates."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "export").eval()
+    tok = AutoTokenizer.from_pretrained(run_dir / "export")
+    reference = AutoModelForCausalLM.from_config(exported.config).eval()
+    ckpt = run_dir / "checkpoints"
+    if json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == 0:
+        tag = (ckpt / "latest").read_text().strip()
+        state = torch.load(ckpt / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+    reference.tie_weights()
+    batch = tok(["\n\nHuman: describe the lamp\n\nAssistant:"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**batch).logits, reference(**batch).logits, rtol=1e-5, atol=1e-5)
+        out = exported.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    answer = tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    # 40 steps teach the answer's shape (" the ... was ... and ... .") though not yet to copy the item
+    assert answer.startswith(" the") and " was " in answer and answer.rstrip().endswith("."), answer
+
+
+def test_export_one_rank(tmp_path):
+    run_dir = run_dir_of(run_cli(tmp_path, "zero=stage0", *QUICK))
+    check_export_matches_checkpoint(run_dir)
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    common = ["zero=stage2", "train.save_every=20", *QUICK]
+    full = run_dir_of(run_cli(tmp_path, *common))
+    part = run_cli(tmp_path, *common, "train.stop_at_step=20")
+    part_dir = run_dir_of(part)
+    assert "stopped at step 20" in part.stdout + part.stderr
+    assert not (part_dir / "export").exists() and (part_dir / "checkpoints" / "step20").is_dir()
+    resumed = run_cli(tmp_path, f"resume={part_dir}", "train.stop_at_step=null")
+    assert run_dir_of(resumed) == part_dir
+    a, b = metrics(full, "train/loss"), metrics(part_dir, "train/loss")
+    for step in (25, 30, 35, 40):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a[step], b[step])
+    assert metrics(part_dir, "eval/loss")[40] == pytest.approx(metrics(full, "eval/loss")[40], rel=1e-5)
+    assert summary(part_dir)["steps"] == 40
