@@ -147,6 +147,8 @@ def run(cfg: DictConfig) -> float | None:
             raise ConfigError("resume", f"the run was trained with world size × batch = {saved['train_batch_size']} "
                               f"samples per step, this launch would use {ds['train_batch_size']}",
                               "resume on the same number of ranks with the same batch settings")
+    if _hydra_dir is not None and _hydra_dir.resolve() != run_dir:
+        discard_empty_run_dir()  # Hydra's own job dir, when run_dir= or resume= points elsewhere
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(p.cfg))
     (run_dir / "overrides.yaml").write_text(yaml.safe_dump(_redact(overrides, secrets)))
