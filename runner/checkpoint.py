@@ -10,13 +10,15 @@ import torch
 from runner.engine import Dist
 
 
-def save(engine, run_dir: Path, step: int, state: dict, keep_last: int, dist: Dist) -> Path:
-    """engine.save_checkpoint (model, optimizer, scheduler, ZeRO partitions) + the loop state and every rank's RNG."""
+def save(engine, run_dir: Path, step: int, state: dict, keep_last: int, dist: Dist, tag: str | None = None) -> Path:
+    """engine.save_checkpoint (model, optimizer, scheduler, ZeRO partitions) + the loop state and every rank's RNG.
+    Tagged `stepN` (the `latest` one is what resume loads; the last `keep_last` are kept), or `best` (kept beside
+    them, never what resume loads)."""
     import deepspeed.comm as dist_comm
 
     ckpt_dir = run_dir / "checkpoints"
-    tag = f"step{step}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"loop": state})
+    tag = tag or f"step{step}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"loop": state}, save_latest=tag != "best")
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     torch.save(rng, ckpt_dir / tag / f"rng_rank{dist.rank}.pt")
     dist_comm.barrier()

@@ -109,7 +109,13 @@ def run(cfg: DictConfig) -> float | None:
         os.environ["HF_HUB_OFFLINE"] = "1"  # a plan never touches the network
     if not p.cfg.dry_run or local_inputs:
         tokenizer = modeling.load_tokenizer(p.cfg.model)
-        prepared = data.prepare(p.cfg, tokenizer, cache_root=Path(p.cfg.cache_dir).resolve())
+        if p.cfg.dry_run:  # count the samples but write nothing
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                prepared = data.prepare(p.cfg, tokenizer, cache_root=Path(tmp))
+        else:
+            prepared = data.prepare(p.cfg, tokenizer, cache_root=Path(p.cfg.cache_dir).resolve())
     else:
         extra_notes.append(f"dry run: data set {p.cfg.data.path} is not read, so total_num_steps "
                            "(epochs x steps per epoch) is computed at launch")

@@ -84,7 +84,8 @@ def build_ds_config(cfg: DictConfig, world_size: int, total_steps: int, run_dir:
                   "warmup_min_ratio": 0.0 if warmup else 1.0, "cos_min_ratio": float(sched.min_lr_ratio),
                   "warmup_type": "linear"}
     elif sched.name == "linear":
-        params = {"total_num_steps": total_steps, "warmup_min_lr": 0.0 if warmup else lr, "warmup_max_lr": lr,
+        # WarmupDecayLR decays to warmup_min_lr, so it must be 0 (with no warmup DeepSpeed still ramps 2 steps)
+        params = {"total_num_steps": total_steps, "warmup_min_lr": 0.0, "warmup_max_lr": lr,
                   "warmup_num_steps": max(1, warmup), "warmup_type": "linear"}
     else:
         params = {"warmup_min_lr": 0.0 if warmup else lr, "warmup_max_lr": lr, "warmup_num_steps": max(1, warmup),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shlex
 import socket
-from collections import OrderedDict
+from collections import OrderedDict  # noqa: F401  (type hints)
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -20,60 +20,49 @@ WORKER = "runner.worker"
 
 
 def parse_hostfile(path: str) -> "OrderedDict[str, int]":
-    """MPI-style hostfile (`worker-1 slots=8`), as DeepSpeed's launcher reads it."""
-    hosts: OrderedDict[str, int] = OrderedDict()
+    """MPI-style hostfile (`worker-1 slots=8`), parsed by DeepSpeed's launcher's own function."""
+    from deepspeed.launcher.runner import _parse_hostfile
+
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as exc:
         raise ConfigError("deployment.hostfile", f"cannot read hostfile {path!r} ({exc.strerror})",
                           "write one line per node, e.g. `worker-1 slots=8`, and pass deployment.hostfile=PATH") from None
-    for number, line in enumerate(lines, 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        parts = line.split()
-        slots = [p for p in parts[1:] if p.startswith("slots=")]
-        if len(parts) != 2 or not slots or not slots[0][6:].isdigit():
-            raise ConfigError("deployment.hostfile", f"{path}:{number}: expected `HOST slots=N`, got {line!r}",
-                              "write one line per node, e.g. `worker-1 slots=8`")
-        if parts[0] in hosts:
-            raise ConfigError("deployment.hostfile", f"{path}:{number}: host {parts[0]!r} is listed twice")
-        hosts[parts[0]] = int(slots[0][6:])
-    if not hosts:
-        raise ConfigError("deployment.hostfile", f"hostfile {path!r} lists no hosts", "add lines like `worker-1 slots=8`")
-    return hosts
-
-
-def _parse_node_spec(spec: str, hosts: "OrderedDict[str, int]", key: str) -> dict[str, list[int]]:
-    chosen: dict[str, list[int]] = {}
-    for node in spec.split("@"):
-        name, _, slots = node.partition(":")
-        if name not in hosts:
-            raise ConfigError(key, f"host {name!r} is not in the hostfile (hosts: {', '.join(hosts)})")
-        chosen[name] = [int(s) for s in slots.split(",")] if slots else list(range(hosts[name]))
-    return chosen
+    try:
+        return _parse_hostfile(lines)
+    except ValueError as exc:
+        raise ConfigError("deployment.hostfile", f"{path}: {exc}", "write one line per node: `worker-1 slots=8`"
+                          ) from None
 
 
 def active_slots(deployment: DictConfig, hosts: "OrderedDict[str, int]") -> "OrderedDict[str, list[int]]":
-    """The slots DeepSpeed's launcher will use after --include/--exclude/--num_nodes/--num_gpus."""
-    if deployment.include and deployment.exclude:
-        raise ConfigError("deployment.include", "include and exclude are mutually exclusive", "set only one of them")
-    pool: OrderedDict[str, list[int]] = OrderedDict((h, list(range(n))) for h, n in hosts.items())
-    if deployment.include:
-        inc = _parse_node_spec(deployment.include, hosts, "deployment.include")
-        pool = OrderedDict((h, s) for h, s in pool.items() if h in inc)
-        pool = OrderedDict((h, [x for x in s if x in inc[h]]) for h, s in pool.items())
-    if deployment.exclude:
-        exc = _parse_node_spec(deployment.exclude, hosts, "deployment.exclude")
-        pool = OrderedDict((h, [x for x in s if x not in exc.get(h, [])]) for h, s in pool.items())
-        pool = OrderedDict((h, s) for h, s in pool.items() if s)
-    if deployment.num_nodes:
-        pool = OrderedDict(list(pool.items())[: int(deployment.num_nodes)])
-    if deployment.num_gpus:
-        pool = OrderedDict((h, s[: int(deployment.num_gpus)]) for h, s in pool.items())
-    if not pool:
-        raise ConfigError("deployment", "no hosts or slots are left after include/exclude/num_nodes/num_gpus")
-    return pool
+    """The slots DeepSpeed's launcher will use for this deployment, computed with the launcher's own functions and
+    checked against what the chosen multi-node backend supports."""
+    from deepspeed.launcher import multinode_runner as backends
+    from deepspeed.launcher.runner import apply_num_nodes_and_gpus, parse_args, parse_inclusion_exclusion
+
+    args = parse_args(launcher_command(deployment, "RUN_DIR")[1:])
+    classes = {"pdsh": backends.PDSHRunner, "openmpi": backends.OpenMPIRunner, "mpich": backends.MPICHRunner,
+               "impi": backends.IMPIRunner, "mvapich": backends.MVAPICHRunner, "slurm": backends.SlurmRunner}
+    if args.launcher not in classes:
+        raise ConfigError("deployment.multinode_launcher", f"unknown launcher {args.launcher!r}",
+                          f"use one of {', '.join(classes)}")
+    try:
+        if (args.num_nodes >= 0 or args.num_gpus >= 0) and (args.include or args.exclude):
+            raise ValueError("num_nodes/num_gpus cannot be combined with include/exclude")
+        active = parse_inclusion_exclusion(hosts, args.include, args.exclude)
+        active = apply_num_nodes_and_gpus(active, args.num_nodes, args.num_gpus)
+        active = type(active)((h, s) for h, s in active.items() if s)
+        if not active:
+            raise ValueError("no hosts or slots are left")
+        cls = classes[args.launcher]
+        cls.validate_active_resources(active)
+        backend = cls(args, "", hosts) if cls is not backends.PDSHRunner else cls(args, "")
+        backend.validate_args()
+    except ValueError as exc:
+        raise ConfigError("deployment", f"DeepSpeed's {args.launcher} launcher refuses this selection: {exc}",
+                          "check deployment.include/exclude/num_nodes/num_gpus against the hostfile") from None
+    return active
 
 
 def free_port() -> int:
@@ -105,8 +94,8 @@ def launcher_command(deployment: DictConfig, run_dir: str) -> list[str]:
     cmd = ["deepspeed"]
     if deployment.name == "multi_node":
         cmd += ["--hostfile", deployment.hostfile, "--launcher", deployment.multinode_launcher]
-        if deployment.launcher_args:
-            cmd += ["--launcher_args", deployment.launcher_args]
+        if deployment.launcher_args:  # one token: values starting with "-" must not look like the launcher's own flags
+            cmd += [f"--launcher_args={deployment.launcher_args}"]
         if deployment.include:
             cmd += ["--include", deployment.include]
         if deployment.exclude:
@@ -117,7 +106,9 @@ def launcher_command(deployment: DictConfig, run_dir: str) -> list[str]:
             cmd += ["--num_gpus", str(deployment.num_gpus)]
         if deployment.master_addr:
             cmd += ["--master_addr", deployment.master_addr]
-    else:
+    elif deployment.get("include"):
+        cmd += ["--include", deployment.include]
+    elif not deployment.get("all_visible"):  # without it DeepSpeed uses every visible GPU (CUDA_VISIBLE_DEVICES)
         cmd += ["--num_gpus", str(deployment.nproc_per_node)]
     cmd += ["--master_port", str(deployment.master_port), "--no_local_rank"]
     return cmd + worker

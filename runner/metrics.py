@@ -59,8 +59,8 @@ class Metrics:
         if prefix == "train" and "loss" in values:
             self.bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
         elif prefix == "eval":
-            self.bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()
-                                                        if isinstance(v, float)))
+            self.bar.write(f"step {step}: eval " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()
+                                                             if isinstance(v, float)))
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

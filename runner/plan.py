@@ -105,6 +105,8 @@ def _resolve_deployment(cfg: DictConfig, hw: Hardware, dry_run: bool, notes: lis
             dep.nproc_per_node = 1
         elif hw.cuda_devices:
             dep.nproc_per_node = hw.cuda_devices
+            if dep.launcher == "deepspeed":
+                OmegaConf.update(dep, "all_visible", True, force_add=True)
         elif dry_run:
             dep.nproc_per_node = int(dep.plan_gpus_per_node)
             notes.append(f"no GPU is visible here: the plan assumes {dep.nproc_per_node} GPUs per node "
@@ -112,6 +114,12 @@ def _resolve_deployment(cfg: DictConfig, hw: Hardware, dry_run: bool, notes: lis
         else:
             raise ConfigError("deployment", f"deployment={dep.name} needs CUDA GPUs and none is visible",
                               "use deployment=cpu on this machine")
+    if dep.get("include"):  # deepspeed --include localhost:0,2
+        host, _, slots = str(dep.include).partition(":")
+        if host != "localhost" or not slots:
+            raise ConfigError("deployment.include", f"on one node, include must be localhost:SLOTS, got {dep.include!r}",
+                              "e.g. deployment.include=localhost:0,2")
+        dep.nproc_per_node = len(slots.split(","))
     nproc = dep.nproc_per_node
     if not isinstance(nproc, int) or nproc < 1:
         raise ConfigError("deployment.nproc_per_node", f"must be a positive integer, got {nproc!r}")
@@ -144,6 +152,9 @@ def _resolve_precision(cfg: DictConfig, hw: Hardware, accelerator: str, notes: l
         notes.append(f"precision=auto chose {prec.dtype} for the {accelerator} accelerator")
     if prec.dtype not in ("fp32", "fp16", "bf16"):
         raise ConfigError("precision.dtype", f"unknown dtype {prec.dtype!r}", "use precision=fp32, fp16 or bf16")
+    if prec.dtype == "bf16" and accelerator == "cuda" and hw.cuda_devices and not hw.bf16:
+        raise ConfigError("precision", "bf16 is not supported by these GPUs (it needs Ampere or newer)",
+                          "use precision=fp16")
     if prec.dtype == "fp16" and accelerator == "cpu":
         raise ConfigError("precision", "fp16 is not supported by DeepSpeed's CPU accelerator "
                           "(it refuses it at initialisation)", "use precision=fp32 (fastest on CPU) or precision=bf16")

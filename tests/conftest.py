@@ -1,4 +1,4 @@
-"""Shared fixtures: compose the real Hydra config tree in-process, write hostfiles, keep the Hugging Face hub offline."""
+"""Shared fixtures: compose the real Hydra config tree in-process, write hostfiles, keep the hub offline."""
 from __future__ import annotations
 
 from pathlib import Path
