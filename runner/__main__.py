@@ -33,11 +33,17 @@ def _check_override_syntax(args: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
+    from hydra._internal.utils import get_args_parser
+
     try:
-        OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+        overrides = get_args_parser().parse_known_args(args)[0].overrides  # Hydra's own split of flags and overrides
+    except SystemExit:
+        return  # Hydra reports its own flag errors
+    try:
+        OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as exc:
         print(f"error: override {exc.override!r} is malformed: {str(exc.message).splitlines()[0]}\n"
-              "  fix: write KEY=VALUE (quote values with spaces or brackets, e.g. 'data.path=\"a b.jsonl\"'); "
+              "  fix: write KEY=VALUE (quote values with spaces or brackets, e.g. 'run_dir=\"my run\"'); "
               "lists are [a,b]", file=sys.stderr)
         sys.exit(2)
 

@@ -45,21 +45,26 @@ def resume(engine, run_dir: Path, dist: Dist) -> dict:
     return client["loop"]
 
 
-def full_state_dict(engine) -> dict | None:
-    """The whole model's weights on rank 0 (gathered layer by layer under ZeRO-3), None on other ranks."""
+def full_state_dict(engine, prefix: str = "") -> dict | None:
+    """The whole model's weights on rank 0 (gathered layer by layer under ZeRO-3), None on other ranks; keys
+    starting with `prefix` have it removed (a wrapper's attribute name)."""
     if engine.zero_optimization_partition_weights():
         state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank must call it
     else:
         state = engine.module.state_dict()
-    return {k: v.detach().cpu().clone() for k, v in state.items()} if state is not None else None
+    if state is None:
+        return None
+    return {k[len(prefix):] if k.startswith(prefix) else k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 def export_hf(engine, tokenizer, out_dir: Path, dist: Dist, info: dict) -> Path:
-    """A Hugging Face directory (config, safetensors weights, tokenizer) that from_pretrained loads."""
-    state = full_state_dict(engine)
+    """A Hugging Face directory (config, safetensors weights, tokenizer) that from_pretrained loads. A wrapped
+    model (e.g. modeling.ScalarHeadModel, whose transformers model is `.hf`) is saved as the model it wraps."""
+    wrapped = hasattr(engine.module, "hf")
+    state = full_state_dict(engine, prefix="hf." if wrapped else "")
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        module = engine.module
+        module = engine.module.hf if wrapped else engine.module
         module.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(str(out_dir))
         (out_dir / "runner_export.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -104,7 +104,8 @@ def run(cfg: DictConfig) -> float | None:
 
     extra_notes: list[str] = []
     tokenizer, prepared = None, None
-    local_inputs = planning.is_local_path(str(p.cfg.model.tokenizer)) and planning.is_local_path(str(p.cfg.data.path))
+    local_inputs = planning.is_local_path(str(p.cfg.model.tokenizer)) and all(
+        planning.is_local_path(str(ds.path)) for ds in p.cfg.data.sets.values())
     if p.cfg.dry_run:
         os.environ["HF_HUB_OFFLINE"] = "1"  # a plan never touches the network
     if not p.cfg.dry_run or local_inputs:
@@ -117,8 +118,8 @@ def run(cfg: DictConfig) -> float | None:
         else:
             prepared = data.prepare(p.cfg, tokenizer, cache_root=Path(p.cfg.cache_dir).resolve())
     else:
-        extra_notes.append(f"dry run: data set {p.cfg.data.path} is not read, so total_num_steps "
-                           "(epochs x steps per epoch) is computed at launch")
+        extra_notes.append(f"dry run: data sets {', '.join(str(d.path) for d in p.cfg.data.sets.values())} are "
+                           "not read, so total_num_steps (epochs x steps per epoch) is computed at launch")
     arch_params = modeling.count_params(p.cfg.model, tokenizer)
     steps_per_epoch = prepared.steps_per_epoch(p.cfg.train, p.world_size) if prepared else 0
     total = _total_steps(p.cfg.train, steps_per_epoch)

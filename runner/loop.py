@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -14,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner import checkpoint, data, engine as eng
 from runner.engine import Dist
-from runner.metrics import Metrics, Throughput, configure_wandb_env
+from runner.metrics import Metrics, Throughput
 
 LossFn = Callable[[dict], "tuple[torch.Tensor, dict[str, float]]"]
 
@@ -43,7 +44,7 @@ def run(stage: Stage, engine, cfg: DictConfig, run_dir: Path, dist: Dist, train_
     train_cfg, rt = cfg.train, cfg.runtime
     micro, gas, total_steps = int(train_cfg.micro_batch_size), int(train_cfg.gradient_accumulation_steps), int(
         rt.total_steps)
-    wandb_mode = configure_wandb_env(cfg, run_dir)
+    wandb_mode = os.environ.get("WANDB_MODE") if cfg.logger.name == "wandb" else None  # set by the worker
 
     state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "tokens": 0, "best": None}
     if cfg.resume:
@@ -75,7 +76,7 @@ def run(stage: Stage, engine, cfg: DictConfig, run_dir: Path, dist: Dist, train_
             engine.step()
             state["micro_in_epoch"] += 1
             speed.add(batch)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             for k, v in extra.items():
                 extras.setdefault(k, []).append(float(v))
         step += 1
@@ -106,9 +107,8 @@ def run(stage: Stage, engine, cfg: DictConfig, run_dir: Path, dist: Dist, train_
             last_eval = stage.evaluate()
             metrics.log(step, last_eval, prefix="eval")
             if stage.best:
-                value = last_eval[stage.best]
-                better = (value > state["best"]) if stage.best_mode == "max" else (value < state["best"])
-                new_best = state["best"] is None or better
+                value, best = last_eval[stage.best], state["best"]
+                new_best = best is None or (value > best if stage.best_mode == "max" else value < best)
                 if new_best:
                     state["best"] = value
         save_every = int(train_cfg.save_every)

@@ -96,3 +96,48 @@ def load_causal_lm(model: DictConfig, ds_config: dict, dtype: str, gradient_chec
         net.gradient_checkpointing_enable()
         net.config.use_cache = False
     return net
+
+
+class ScalarHeadModel(torch.nn.Module):
+    """A transformer backbone with a scalar head, stored as transformers' `*ForSequenceClassification` with
+    num_labels=1 (so an export loads with AutoModelForSequenceClassification). forward() gives the value of every
+    token; a sequence's score is the value at its last real (non-padding) token, found from the attention mask,
+    which stays right when the pad token equals eos. The reward model and the PPO critic are both this."""
+
+    def __init__(self, hf):
+        super().__init__()
+        if not hasattr(hf, "score"):
+            raise ConfigError("model", f"{type(hf).__name__} has no `score` head", "use a decoder-only model")
+        self.hf = hf
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.hf.score(hidden).squeeze(-1).float()
+
+
+def last_token_scores(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    last = attention_mask.sum(-1) - 1
+    return values.gather(1, last.unsqueeze(1)).squeeze(1)
+
+
+def load_scalar_model(model: DictConfig, ds_config: dict, dtype: str, pad_token_id: int,
+                      gradient_checkpointing: bool = False) -> ScalarHeadModel:
+    """A reward model / critic: from a reward export (backbone and head), or from a causal LM (a base model or an
+    SFT export: the backbone's weights, a new head), partitioned at construction under ZeRO-3 like the LM."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.integrations import HfDeepSpeedConfig
+
+    config = model_config(model)
+    config.num_labels = 1
+    config.pad_token_id = pad_token_id
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    keep = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841  (backbone and head partitioned together)
+    if model.path is None:
+        net = AutoModelForSequenceClassification.from_config(config, dtype=DTYPES[dtype])
+    else:
+        net = AutoModelForSequenceClassification.from_pretrained(os.path.expanduser(str(model.path)), config=config,
+                                                                 dtype=DTYPES[dtype])
+    if gradient_checkpointing:
+        net.gradient_checkpointing_enable()
+        net.config.use_cache = False
+    return ScalarHeadModel(net)

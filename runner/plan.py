@@ -221,6 +221,15 @@ def _resolve_batch(cfg: DictConfig, world: int) -> None:
 
 def _validate_model(cfg: DictConfig) -> None:
     model = cfg.model
+    init = cfg.step.get("init_from")
+    if init:  # start from another run's export (e.g. the reward model from an SFT export)
+        local = Path(os.path.expanduser(str(init)))
+        if not (local / "config.json").is_file():
+            raise ConfigError("step.init_from", f"{init!r} is not a Hugging Face model directory (no config.json)",
+                              "point it at a run's export directory, e.g. outputs/sft/<run>/export")
+        model.path = str(local.resolve())
+        if (local / "tokenizer_config.json").is_file():
+            model.tokenizer = str(local.resolve())
     if model.path is None:
         if not model.get("arch"):
             raise ConfigError("model.path", "no checkpoint path and no `arch` to build a model from",
@@ -239,21 +248,45 @@ def _validate_model(cfg: DictConfig) -> None:
 
 def _validate_data(cfg: DictConfig) -> None:
     data = cfg.data
-    path = str(_require(cfg, "data.path", "set data.path=FILE_OR_DIR (json, jsonl, csv, parquet or save_to_disk dir)"))
-    if is_local_path(path):
-        local = Path(os.path.expanduser(path))
-        if not local.exists():
-            raise ConfigError("data.path", f"{path!r} does not exist",
-                              "give a json/jsonl/csv/parquet file, a directory of split files, or a hub id")
-        if local.is_file() and not os.access(local, os.R_OK):
-            raise ConfigError("data.path", f"{path!r} is not readable", "check the file's permissions")
-    if not isinstance(data.max_seq_len, int) or data.max_seq_len < 2:
-        raise ConfigError("data.max_seq_len", f"must be an integer of at least 2, got {data.max_seq_len!r}")
+    if not data.sets:
+        raise ConfigError("data", "no data set is chosen", "choose one or more from conf/data, e.g. data=tiny")
+    split = list(data.split)
+    if len(split) != 3 or any(not isinstance(x, (int, float)) or x < 0 for x in split) or sum(split) <= 0:
+        raise ConfigError("data.split", f"must be three non-negative shares for sft, reward and ppo, got {split}",
+                          "e.g. data.split=[2,4,4] (DeepSpeed-Chat's default) or data.split=[1,0,0]")
+    stage_share = split[{"sft": 0, "reward": 1, "ppo": 2}.get(cfg.step.name, 0)]
+    if stage_share == 0 and any(not ds.sft_only for ds in data.sets.values()):
+        raise ConfigError("data.split", f"gives the {cfg.step.name} stage no rows ({split})",
+                          "give this stage a positive share")
+    for key, allowed in (("overlong", ("truncate", "drop")), ("bad_rows", ("error", "skip"))):
+        if data[key] not in allowed:
+            raise ConfigError(f"data.{key}", f"unknown value {data[key]!r}", f"use {' or '.join(allowed)}")
     max_pos = OmegaConf.select(cfg, "model.arch.max_position_embeddings")
+    if data.max_seq_len == "auto":
+        data.max_seq_len = min(512, max_pos or 512)
+    if not isinstance(data.max_seq_len, int) or data.max_seq_len < 2:
+        raise ConfigError("data.max_seq_len", f"must be an integer of at least 2 (or auto), got {data.max_seq_len!r}")
     if max_pos and data.max_seq_len > max_pos:
         raise ConfigError("data.max_seq_len", f"{data.max_seq_len} is longer than the model's "
                           f"{max_pos} positions (model.arch.max_position_embeddings)",
                           f"set data.max_seq_len to at most {max_pos}")
+    for name, ds in data.sets.items():
+        key = f"data.sets.{name}"
+        path = str(ds.path)
+        if is_local_path(path):
+            local = Path(os.path.expanduser(path))
+            if not local.exists():
+                raise ConfigError(f"{key}.path", f"{path!r} does not exist",
+                                  "give a json/jsonl/csv/parquet file, a directory of split files, or a hub id")
+            if local.is_file() and not os.access(local, os.R_OK):
+                raise ConfigError(f"{key}.path", f"{path!r} is not readable", "check the file's permissions")
+        if ds.format not in ("pairs", "scored", "embedded"):
+            raise ConfigError(f"{key}.format", f"unknown format {ds.format!r}", "use pairs, scored or embedded")
+        if not isinstance(ds.weight, (int, float)) or ds.weight <= 0:
+            raise ConfigError(f"{key}.weight", f"must be a positive number, got {ds.weight!r}")
+        if "{prompt}" not in str(ds.template):
+            raise ConfigError(f"{key}.template", f"{ds.template!r} has no {{prompt}} placeholder",
+                              "e.g. '\\n\\nHuman: {prompt}\\n\\nAssistant:'")
 
 
 def make_plan(cfg: DictConfig, hw: Hardware | None = None) -> Plan:
@@ -266,6 +299,11 @@ def make_plan(cfg: DictConfig, hw: Hardware | None = None) -> Plan:
         raise ConfigError(key, "is required for this choice and has no value", f"set {key}=VALUE") from None
     except Exception as exc:  # interpolation errors name their key
         raise ConfigError(getattr(exc, "full_key", None) or "config", str(exc).splitlines()[0]) from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        key = missing[0]
+        hint = " (a file, a directory of split files, or a hub id)" if key.startswith("data.sets.") else ""
+        raise ConfigError(key, "is required for this choice and has no value", f"set {key}=VALUE{hint}")
     hw = hw or Hardware.detect()
     notes: list[str] = []
     dry_run = bool(cfg.dry_run)

@@ -24,6 +24,9 @@ def main(argv: list[str]) -> int:
         print(f"error: the run was planned for {cfg.runtime.world_size} ranks but {dist.world} started; "
               f"launch it with {run_dir / 'launch.sh'}", file=sys.stderr)
         return 2
+    from runner.metrics import configure_wandb_env
+
+    configure_wandb_env(cfg, run_dir)  # before any engine exists: DeepSpeed's monitor calls wandb.init
     stage = importlib.import_module(f"runner.stages.{cfg.step.name}")
     try:
         stage.run(cfg, ds_config, run_dir, dist)

@@ -87,9 +87,10 @@ PLAN_CASES = [
                  ["deployment.nproc_per_node"], id="more-cpu-ranks-than-cores"),
     pytest.param(["deployment=multi_node", "deployment.hostfile=/nonexistent/hostfile"],
                  ["deployment.hostfile", "/nonexistent/hostfile"], id="missing-hostfile"),
-    pytest.param(["data=local", "data.path=/nonexistent/x.jsonl"], ["data.path", "/nonexistent/x.jsonl"],
+    pytest.param(["data=local", "data.sets.local.path=/nonexistent/x.jsonl"],
+                 ["data.sets.local.path", "/nonexistent/x.jsonl"],
                  id="missing-data-file"),
-    pytest.param(["data=local"], ["data.path"], id="data-path-not-set"),
+    pytest.param(["data=local"], ["data.sets.local.path"], id="data-path-not-set"),
     pytest.param(["model.path=/nonexistent/model"], ["model.path", "/nonexistent/model"], id="missing-model-path"),
     pytest.param(["optimizer.lr=-1e-3"], ["optimizer.lr"], id="negative-lr"),
 ]
@@ -141,31 +142,31 @@ def test_resume_from_a_directory_that_is_not_a_run(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ data files (runner/data.py)
-# data=local defaults to max_seq_len=512, longer than model=tiny's 256 positions; data.max_seq_len=64 keeps that
+# data.max_seq_len=64 keeps these runs short
 # (separate) complaint out of the way so that the data file itself is checked.
 def test_malformed_data_file(tmp_path):
     bad = garbage_file(tmp_path)
-    result = run_cli(tmp_path, "data=local", f"data.path={bad}", "data.max_seq_len=64")
-    assert_rejected(result, tmp_path, "data.path", str(bad))
+    result = run_cli(tmp_path, "data=local", f"data.sets.local.path={bad}", "data.max_seq_len=64")
+    assert_rejected(result, tmp_path, "data.sets.local.path", str(bad))
 
 
 def test_malformed_data_file_message_says_what_is_wrong(tmp_path):
     bad = garbage_file(tmp_path)
-    result = run_cli(tmp_path, "data=local", f"data.path={bad}", "data.max_seq_len=64")
-    assert_rejected(result, tmp_path, "data.path")
-    message = result.stderr[result.stderr.index("error: data.path"):]
+    result = run_cli(tmp_path, "data=local", f"data.sets.local.path={bad}", "data.max_seq_len=64")
+    assert_rejected(result, tmp_path, "data.sets.local.path")
+    message = result.stderr[result.stderr.index("error: data.sets.local.path"):]
     assert "JSON" in message, message                     # what is wrong: the file is not valid JSON lines
     assert "Failed to load JSON" not in result.stdout + result.stderr.replace(message, "")  # and only one message
 
 
 def test_malformed_data_file_with_default_seq_len(tmp_path):
     bad = garbage_file(tmp_path)
-    result = run_cli(tmp_path, "data=local", f"data.path={bad}")
-    assert_rejected(result, tmp_path, "data.path")
+    result = run_cli(tmp_path, "data=local", f"data.sets.local.path={bad}")
+    assert_rejected(result, tmp_path, "data.sets.local.path")
 
 
 def test_data_file_without_the_prompt_column(tmp_path):
     rows = [{"question": f"what is {i} plus {i}?", "answer": f"{2 * i}"} for i in range(20)]
     path = write_jsonl(tmp_path / "qa.jsonl", rows)
-    result = run_cli(tmp_path, "data=local", f"data.path={path}", "data.max_seq_len=64")
-    assert_rejected(result, tmp_path, "data.fields.prompt", "'prompt'")
+    result = run_cli(tmp_path, "data=local", f"data.sets.local.path={path}", "data.max_seq_len=64")
+    assert_rejected(result, tmp_path, "data.sets.local", "'prompt'")

@@ -112,8 +112,12 @@ def own_values(group: str, option: str, ignore=()) -> dict:
 
 
 def assert_option_selected(cfg: DictConfig, group: str, option: str, ignore=()) -> None:
-    composed = OmegaConf.to_container(cfg[group], resolve=False)
+    node = cfg[group] if group != "data" else cfg.data.sets[option.replace("-", "_")]  # data sets: data.sets.<name>
+    composed = OmegaConf.to_container(node, resolve=False)
     expected = own_values(group, option, ignore)
+    if group == "step":  # step files are global: the stage's keys under `step`, its training defaults under `train`
+        assert {k: cfg.train[k] for k in expected.get("train", {})} == expected.get("train", {})
+        expected = expected["step"]
     assert expected, f"conf/{group}/{option}.yaml sets no value to check"
     assert {k: composed.get(k) for k in expected} == expected
 
@@ -124,15 +128,15 @@ def test_every_group_and_recipe_is_discovered():
     defaults = {k: v for d in OmegaConf.load(CONF / "config.yaml").defaults if isinstance(d, DictConfig)
                 for k, v in d.items()}
     for group in GROUPS:
-        assert defaults[group] in options(group), group
+        chosen = defaults[group] if group != "data" else defaults[group][0]  # data: a list of sets
+        assert chosen in options(group), group
     assert RECIPES and sorted(p.stem for p in (CONF / "recipe").glob("*.yaml")) == RECIPES
     assert "tiny" in PRESETS and set(PRESETS) - set(SIZED_PRESETS) == {"tiny"}
     assert {"stage0", "stage3"} <= set(options("zero")) and {"fp16", "bf16", "fp32"} <= set(options("precision"))
 
 
 # What an option needs beside itself to make a valid run: a data file, a hostfile, a model with 512 positions.
-OPTION_NEEDS = {("data", "local"): lambda hf: [f"data.path={TINY_TRAIN}"],
-                ("data", "rm-static"): lambda hf: ["model=opt-125m"],  # its max_seq_len is beyond the tiny model's
+OPTION_NEEDS = {("data", "local"): lambda hf: [f"data.sets.local.path={TINY_TRAIN}"],
                 ("deployment", "multi_node"): lambda hf: [f"deployment.hostfile={hf()}"]}
 
 
@@ -152,7 +156,7 @@ def test_every_option_composes_and_plans(compose, hostfile, group, option):
 def test_data_local_requires_a_path(compose):
     with pytest.raises(ConfigError) as err:
         make_plan(compose(["data=local"]), GPU)
-    assert err.value.where == "data.path"
+    assert err.value.where == "data.sets.local.path"
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

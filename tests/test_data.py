@@ -1,0 +1,214 @@
+"""The data layer, in process (no launcher): named sets and formats, data_split slices, blending weights, the cache,
+bad data and over-long samples."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runner import data, modeling
+from runner.errors import ConfigError
+from runner.plan import Hardware, make_plan
+
+CPU = Hardware(cuda_devices=0, bf16=False, cpus=2)
+TINY = Path(__file__).resolve().parent.parent / "runner" / "assets" / "tiny_data"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(Path(data.__file__).parent / "assets" / "tiny_tokenizer"))
+
+
+@pytest.fixture
+def prepare(compose, tokenizer, tmp_path):
+    def _prepare(*overrides, cache=None):
+        plan = make_plan(compose(list(overrides)), CPU)
+        return data.prepare(plan.cfg, tokenizer, cache_root=cache or tmp_path / "cache"), plan.cfg
+
+    return _prepare
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_rows(n: int | None = None) -> list[dict]:
+    rows = [json.loads(x) for x in (TINY / "train.jsonl").read_text().splitlines()]
+    return rows[:n] if n else rows
+
+
+# ------------------------------------------------------------------------------------------------ slices
+@pytest.mark.parametrize("n", [10, 401, 4000])
+def test_stage_slices_are_disjoint_cover_everything_and_stable(n):
+    split = [2, 4, 4]
+    slices = [data.stage_slice(n, split, k, seed=1234) for k in range(3)]
+    joined = np.concatenate(slices)
+    assert sorted(joined.tolist()) == list(range(n))                    # disjoint and complete
+    assert [len(s) for s in slices] == pytest.approx([n * 0.2, n * 0.4, n * 0.4], abs=1)
+    again = [data.stage_slice(n, split, k, seed=1234) for k in range(3)]
+    assert all((a == b).all() for a, b in zip(slices, again))            # same seed: same slices, any process
+    other = data.stage_slice(n, split, 0, seed=99)
+    assert n < 20 or set(other.tolist()) != set(slices[0].tolist())      # the seed matters
+
+
+def test_each_stage_gets_its_slice(prepare):
+    sizes = {}
+    for stage in ("sft", "reward"):
+        prepared, cfg = prepare(f"step={stage}")
+        sizes[stage] = prepared.counts["train"]
+        assert prepared.stats["sets"]["tiny"]["train"]["slice_rows"] == len(data.stage_slice(4000, [2, 4, 4],
+                                                                                               data.STAGES[stage], 1234))
+    assert sizes == {"sft": 800, "reward": 1600}
+    whole, _ = prepare("step=sft", "data.split=[1,0,0]")
+    assert whole.counts["train"] == 4000
+
+
+def test_eval_split_is_made_when_a_set_has_none(prepare, tmp_path):
+    rows = tiny_rows(500)
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    prepared, _ = prepare("data=local", f"data.sets.local.path={path}", "data.sets.local.sft_target=response",
+                          "data.split=[1,0,0]")
+    assert prepared.counts == {"train": 450, "eval": 50}                 # eval_fraction 0.1, seeded
+    again, _ = prepare("data=local", f"data.sets.local.path={path}", "data.sets.local.sft_target=response",
+                       "data.split=[1,0,0]", "seed=7")
+    assert again.stats["cache"] != prepared.stats["cache"]
+
+
+# ------------------------------------------------------------------------------------------------ blending
+def test_blend_respects_weights_and_sft_only(prepare, tmp_path):
+    extra = write_jsonl(tmp_path / "extra.jsonl", tiny_rows(1000))
+    common = ["data=[tiny,local]", f"data.sets.local.path={extra}", "data.sets.local.sft_target=response"]
+    half, _ = prepare("step=sft", *common, "data.sets.local.weight=0.5")
+    sets = half.stats["sets"]
+    assert sets["local"]["train"]["weighted_rows"] == round(0.5 * sets["local"]["train"]["slice_rows"])
+    assert half.counts["train"] == sets["tiny"]["train"]["kept"] + sets["local"]["train"]["kept"]
+    double, _ = prepare("step=sft", *common, "data.sets.local.weight=2.5")
+    d = double.stats["sets"]["local"]["train"]
+    assert d["weighted_rows"] == round(2.5 * d["slice_rows"])
+    # sft_only: used whole by SFT, never by the reward stage
+    sft, _ = prepare("step=sft", *common, "data.sets.local.sft_only=true")
+    assert sft.stats["sets"]["local"]["train"]["slice_rows"] == 900     # all its train rows (10% went to eval)
+    reward, _ = prepare("step=reward", *common, "data.sets.local.sft_only=true")
+    assert "local" not in reward.stats["sets"]
+
+
+# ------------------------------------------------------------------------------------------------ cache
+def test_cache_is_reused_and_invalidated(prepare, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", tiny_rows(300))
+    args = ["data=local", f"data.sets.local.path={path}", "data.sets.local.sft_target=response", "data.split=[1,0,0]"]
+    first, _ = prepare(*args)
+    meta = Path(first.stats["cache"]) / "meta.json"
+    stamp = meta.stat().st_mtime_ns
+    second, _ = prepare(*args)
+    assert second.stats["cache"] == first.stats["cache"] and meta.stat().st_mtime_ns == stamp   # reused
+    rows = tiny_rows(300)
+    rows[0]["response"] = " the lamp was lovely and lovely ."
+    write_jsonl(path, rows)                                              # same size and name, new content
+    third, _ = prepare(*args)
+    assert third.stats["cache"] != first.stats["cache"]
+    fourth, _ = prepare(*args, "data.max_seq_len=32")
+    assert fourth.stats["cache"] not in (first.stats["cache"], third.stats["cache"])
+
+
+# ------------------------------------------------------------------------------------------------ formats
+def test_embedded_conversation_format(prepare, tokenizer, tmp_path):
+    rows = [{"chosen": f"\n\nHuman: hi {i}\n\nAssistant: hello\n\nHuman: describe the lamp\n\nAssistant: it is bright",
+             "rejected": f"\n\nHuman: hi {i}\n\nAssistant: hello\n\nHuman: describe the lamp\n\nAssistant: no"}
+            for i in range(40)]
+    path = write_jsonl(tmp_path / "hh.jsonl", rows)
+    prepared, _ = prepare("step=reward", "data=hh-rlhf", f"data.sets.hh_rlhf.path={path}",
+                          "data.sets.hh_rlhf.splits.eval=null", "data.split=[0,1,0]")
+    sample = data.load_prepared(prepared.paths["train"])[0]
+    chosen, rejected = (tokenizer.decode(sample[k], skip_special_tokens=True) for k in ("chosen_ids", "rejected_ids"))
+    assert chosen.endswith("Assistant: it is bright") and rejected.endswith("Assistant: no")
+    assert chosen[: chosen.rindex("Assistant:")] == rejected[: rejected.rindex("Assistant:")]
+
+
+@pytest.mark.parametrize("set_name, rows, winner", [
+    ("webgpt-comparisons", [{"question": {"full_text": "why?"}, "answer_0": "because", "answer_1": "dunno",
+                             "score_0": 1.0, "score_1": -1.0}], "because"),
+    ("webgpt-comparisons", [{"question": {"full_text": "why?"}, "answer_0": "because", "answer_1": "dunno",
+                             "score_0": -0.5, "score_1": 0.5}], "dunno"),
+    ("shp", [{"history": "why?", "human_ref_A": "because", "human_ref_B": "dunno", "labels": 0}], "dunno"),
+])
+def test_scored_formats_choose_the_better_answer(prepare, tokenizer, tmp_path, set_name, rows, winner):
+    key = set_name.replace("-", "_")
+    tie = dict(rows[0], score_0=0.0, score_1=0.0) if "score_0" in rows[0] else None
+    path = write_jsonl(tmp_path / "s.jsonl", rows * 30 + ([tie] * 5 if tie else []))
+    prepared, _ = prepare("step=reward", f"data={set_name}", f"data.sets.{key}.path={path}",
+                          f"data.sets.{key}.splits.eval=null", "data.split=[0,1,0]", "data.bad_rows=skip")
+    sample = data.load_prepared(prepared.paths["train"])[0]
+    chosen = tokenizer.decode(sample["chosen_ids"], skip_special_tokens=True)
+    assert chosen == f"\n\nHuman: why?\n\nAssistant: {winner}"
+    if tie:  # ties carry no preference: dropped and counted
+        stats = prepared.stats["sets"][key]
+        skipped = stats["train"]["bad_rows_skipped"] + stats["eval"]["bad_rows_skipped"]
+        assert skipped == 5
+
+
+# ------------------------------------------------------------------------------------------------ bad data
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda r: r.pop("chosen"), "field 'chosen' is missing"),
+    (lambda r: r.update(chosen=3), "is int, not text"),
+    (lambda r: r.update(rejected="   "), "is empty"),
+])
+def test_bad_row_is_named_or_skipped_and_counted(prepare, tmp_path, mutate, reason):
+    rows = tiny_rows(200)
+    mutate(rows[17])
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    args = ["step=reward", "data=local", f"data.sets.local.path={path}", "data.split=[0,1,0]",
+            "data.sets.local.eval_fraction=0.01"]
+    with pytest.raises(ConfigError) as err:
+        prepare(*args)
+    assert err.value.where == "data.sets.local" and str(path) in err.value.problem and reason in err.value.problem
+    assert "train split, row 17:" in err.value.problem
+    assert "data.bad_rows=skip" in err.value.fix
+    prepared, _ = prepare(*args, "data.bad_rows=skip")
+    stats = prepared.stats["sets"]["local"]
+    assert stats["train"]["bad_rows_skipped"] + stats["eval"]["bad_rows_skipped"] == 1
+    assert prepared.counts["train"] + prepared.counts["eval"] == 199
+
+
+def test_empty_and_unreadable_files(prepare, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ConfigError) as err:
+        prepare("data=local", f"data.sets.local.path={empty}", "data.split=[1,0,0]")
+    assert err.value.where.startswith("data.sets.local")
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_text("{not json\n")
+    with pytest.raises(ConfigError) as err:
+        prepare("data=local", f"data.sets.local.path={garbage}", "data.split=[1,0,0]")
+    assert err.value.where == "data.sets.local.path" and "JSON" in err.value.problem
+
+
+def test_overlong_samples_are_truncated_or_dropped_and_counted(prepare, tokenizer):
+    cut, _ = prepare("data.max_seq_len=18")  # tiny prompt + response: 19-22 tokens
+    stats = cut.stats["sets"]["tiny"]["train"]
+    assert stats["overlong"] == stats["slice_rows"] and stats["kept"] == stats["slice_rows"]
+    assert max(len(x) for x in data.load_prepared(cut.paths["train"])["input_ids"]) == 18
+    dropped, _ = prepare("data.max_seq_len=21", "data.overlong=drop")
+    stats = dropped.stats["sets"]["tiny"]["train"]
+    assert 0 < stats["overlong"] < stats["slice_rows"] and stats["kept"] == stats["slice_rows"] - stats["overlong"]
+
+
+def test_collators_pad_per_batch_and_mask_the_prompt():
+    batch = data.CausalLMCollator(pad_id=1)([{"input_ids": [2, 5, 6, 7], "prompt_len": 2},
+                                              {"input_ids": [2, 5, 8], "prompt_len": 2}])
+    assert batch["input_ids"].tolist() == [[2, 5, 6, 7], [2, 5, 8, 1]]
+    assert batch["labels"].tolist() == [[-100, -100, 6, 7], [-100, -100, 8, -100]]
+    pairs = data.PairCollator(pad_id=1)([{"chosen_ids": [2, 3], "rejected_ids": [2, 4, 4]}])
+    assert pairs["input_ids"].tolist() == [[2, 3, 1], [2, 4, 4]] and pairs["attention_mask"].sum() == 5
+
+
+def test_reward_scores_read_the_last_real_token():
+    import torch
+
+    values = torch.tensor([[0.1, 0.2, 0.3, 9.0], [0.5, 0.6, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert modeling.last_token_scores(values, mask).tolist() == pytest.approx([0.3, 0.6])
