@@ -64,7 +64,7 @@ def main():
               flush=True)
     ratio = statistics.median(r / h for r, h in zip(runner_tps, hand_tps))
     print(f"\nzero={args.zero} steps={args.steps} rounds={args.rounds}")
-    print(f"| metric | value | target |\n|---|---|---|")
+    print("| metric | value | target |\n|---|---|---|")
     print(f"| runner / hand-written tokens per second | {ratio:.3f} | >= 0.95 |")
     print(f"| padding share of computed tokens (runner) | {statistics.mean(padding):.1%} | < 10% |")
 

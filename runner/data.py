@@ -198,7 +198,7 @@ def _normalize_split(split, name: str, ds: DictConfig, stage: str, policy: str, 
             except BadRow as exc:
                 if policy == "error":
                     raise ConfigError(f"data.sets.{name}", f"{where}, {place}: {exc}",
-                                      f"fix the row, or set data.bad_rows=skip to drop such rows (they are counted)"
+                                      "fix the row, or set data.bad_rows=skip to drop such rows (they are counted)"
                                       ) from None
                 norm, bad = {"prompt": "", "chosen": "", "rejected": "", "target": ""}, str(exc)
             for k, v in norm.items():

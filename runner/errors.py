@@ -1,8 +1,6 @@
 """The one kind of error a user can fix: it names the key or file, says what is wrong and how to fix it."""
 from __future__ import annotations
 
-import sys
-
 
 class ConfigError(Exception):
     """Bad input. The driver prints it without a traceback and exits with code 2."""
@@ -17,7 +15,3 @@ class ConfigError(Exception):
             text += f"\n  fix: {self.fix}"
         return text
 
-
-def fail(err: ConfigError) -> "NoReturn":  # noqa: F821
-    print(err.render(), file=sys.stderr)
-    sys.exit(2)

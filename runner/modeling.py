@@ -72,30 +72,33 @@ def largest_layer(model: DictConfig, tokenizer=None) -> int:
     return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in meta.modules())
 
 
-def load_causal_lm(model: DictConfig, ds_config: dict, dtype: str, gradient_checkpointing: bool = False):
-    """A causal LM, partitioned at construction under ZeRO-3 so that no rank ever holds the whole model."""
-    from transformers import AutoModelForCausalLM
+def _build(auto_class, model: DictConfig, config, ds_config: dict, dtype: str, gradient_checkpointing: bool):
+    """from_config (model.path null) or from_pretrained, partitioned at construction under ZeRO-3 so that no rank
+    ever holds the whole model: transformers enters deepspeed.zero.Init itself while an HfDeepSpeedConfig is alive,
+    for every module of the model, so heads are partitioned with the backbone in the same dtype."""
     from transformers.integrations import HfDeepSpeedConfig
 
-    config = model_config(model)
     zero3 = ds_config["zero_optimization"]["stage"] == 3
-    torch_dtype = DTYPES[dtype]
     if zero3:
         # zero.Init patches torch.Tensor.__new__; torch._dynamo, imported lazily by transformers while the model is
         # built, checks that signature at import and fails. Import it before entering the context.
         import torch._dynamo  # noqa: F401
-    # Under ZeRO-3 transformers partitions the model while it is built (deepspeed.zero.Init), for from_config and
-    # from_pretrained alike, as long as an HfDeepSpeedConfig is alive.
-    keep = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841
+    keep = HfDeepSpeedConfig(ds_config) if zero3 else None
     if model.path is None:
-        net = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        net = auto_class.from_config(config, dtype=DTYPES[dtype])
     else:
-        net = AutoModelForCausalLM.from_pretrained(os.path.expanduser(str(model.path)), config=config,
-                                                   dtype=torch_dtype)
+        net = auto_class.from_pretrained(os.path.expanduser(str(model.path)), config=config, dtype=DTYPES[dtype])
+    del keep
     if gradient_checkpointing:
         net.gradient_checkpointing_enable()
         net.config.use_cache = False
     return net
+
+
+def load_causal_lm(model: DictConfig, ds_config: dict, dtype: str, gradient_checkpointing: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    return _build(AutoModelForCausalLM, model, model_config(model), ds_config, dtype, gradient_checkpointing)
 
 
 class ScalarHeadModel(torch.nn.Module):
@@ -123,21 +126,11 @@ def last_token_scores(values: torch.Tensor, attention_mask: torch.Tensor) -> tor
 def load_scalar_model(model: DictConfig, ds_config: dict, dtype: str, pad_token_id: int,
                       gradient_checkpointing: bool = False) -> ScalarHeadModel:
     """A reward model / critic: from a reward export (backbone and head), or from a causal LM (a base model or an
-    SFT export: the backbone's weights, a new head), partitioned at construction under ZeRO-3 like the LM."""
+    SFT export: the backbone's weights, a new head)."""
     from transformers import AutoModelForSequenceClassification
-    from transformers.integrations import HfDeepSpeedConfig
 
     config = model_config(model)
     config.num_labels = 1
     config.pad_token_id = pad_token_id
-    zero3 = ds_config["zero_optimization"]["stage"] == 3
-    keep = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841  (backbone and head partitioned together)
-    if model.path is None:
-        net = AutoModelForSequenceClassification.from_config(config, dtype=DTYPES[dtype])
-    else:
-        net = AutoModelForSequenceClassification.from_pretrained(os.path.expanduser(str(model.path)), config=config,
-                                                                 dtype=DTYPES[dtype])
-    if gradient_checkpointing:
-        net.gradient_checkpointing_enable()
-        net.config.use_cache = False
-    return ScalarHeadModel(net)
+    return ScalarHeadModel(_build(AutoModelForSequenceClassification, model, config, ds_config, dtype,
+                                  gradient_checkpointing))

@@ -34,3 +34,15 @@ def metrics(run_dir: Path, key: str) -> dict[int, float]:
 
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def checkpoint_state(run_dir: Path) -> dict:
+    """The fp32 weights of a run's latest DeepSpeed checkpoint, whatever its ZeRO stage."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt = run_dir / "checkpoints"
+    if json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == 0:
+        tag = (ckpt / "latest").read_text().strip()
+        return torch.load(ckpt / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e import metrics, run_cli, run_dir_of, summary
+from tests.e2e import checkpoint_state, metrics, run_cli, run_dir_of, summary
 
 pytestmark = pytest.mark.e2e
 HELDOUT = Path(__file__).resolve().parent.parent / "runner" / "assets" / "tiny_data" / "heldout.jsonl"
@@ -34,18 +34,12 @@ def pair_scores(model, tok, rows):
 
 def check_export(run_dir, rows):
     """The export loads as a sequence classifier, matches the DeepSpeed checkpoint, and returns its scores."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     exported = AutoModelForSequenceClassification.from_pretrained(run_dir / "export").eval()
     tok = AutoTokenizer.from_pretrained(run_dir / "export")
     assert json.loads((run_dir / "export" / "runner_export.json").read_text())["kind"] == "reward_model"
-    ckpt = run_dir / "checkpoints"
-    if json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == 0:
-        tag = (ckpt / "latest").read_text().strip()
-        state = torch.load(ckpt / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    else:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    state = checkpoint_state(run_dir)
     reference = AutoModelForSequenceClassification.from_config(exported.config).eval()
     reference.load_state_dict({k.removeprefix("hf."): v for k, v in state.items()})
     c1, r1 = pair_scores(exported, tok, rows)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.e2e import QUICK, metrics, run_cli, run_dir_of, summary
+from tests.e2e import checkpoint_state, QUICK, metrics, run_cli, run_dir_of, summary
 
 pytestmark = pytest.mark.e2e
 
@@ -55,18 +55,12 @@ def test_sft_two_ranks(tmp_path, zero):
 
 def check_export_matches_checkpoint(run_dir):
     """The exported HF model reloads, matches the weights in DeepSpeed's checkpoint, and generates."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     exported = AutoModelForCausalLM.from_pretrained(run_dir / "export").eval()
     tok = AutoTokenizer.from_pretrained(run_dir / "export")
     reference = AutoModelForCausalLM.from_config(exported.config).eval()
-    ckpt = run_dir / "checkpoints"
-    if json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == 0:
-        tag = (ckpt / "latest").read_text().strip()
-        state = torch.load(ckpt / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    else:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    state = checkpoint_state(run_dir)
     missing, unexpected = reference.load_state_dict(state, strict=False)
     assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
     reference.tie_weights()
