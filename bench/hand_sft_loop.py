@@ -28,10 +28,13 @@ engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_co
 data = load_from_disk(cfg["runtime"]["data"]["paths"]["train"])
 micro, pad = ds_config["train_micro_batch_size_per_gpu"], 1
 
-perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg["seed"] * 1000)).tolist()
+per_epoch = len(data) // micro
 start, tokens = time.perf_counter(), 0
 for step in range(1, steps + 1):
-    rows = [data[i] for i in perm[(step - 1) * micro: step * micro]]
+    epoch, b = divmod(step - 1, per_epoch)
+    if b == 0:  # a new seeded order every epoch, the same samples as the runner's single rank sees
+        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)).tolist()
+    rows = [data[i] for i in perm[b * micro: (b + 1) * micro]]
     longest = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((micro, longest), pad)
     labels = torch.full((micro, longest), -100)

@@ -102,8 +102,9 @@ def run(stage: Stage, engine, cfg: DictConfig, run_dir: Path, dist: Dist, train_
             speed.reset()
 
         eval_every = int(train_cfg.eval_every)
-        new_best = False
+        new_best, paused = False, False
         if (eval_every and step % eval_every == 0) or step == total_steps:
+            paused = True
             last_eval = stage.evaluate()
             metrics.log(step, last_eval, prefix="eval")
             if stage.best:
@@ -113,10 +114,12 @@ def run(stage: Stage, engine, cfg: DictConfig, run_dir: Path, dist: Dist, train_
                     state["best"] = value
         save_every = int(train_cfg.save_every)
         if (save_every and step % save_every == 0) or step in (total_steps, stop_at):
+            paused = True
             checkpoint.save(engine, run_dir, step, state, int(train_cfg.keep_last), dist)
         if new_best:
             checkpoint.save(engine, run_dir, step, state, 0, dist, tag="best")
-        speed.reset()  # evaluation and checkpoint time is not training throughput
+        if paused:  # evaluation and checkpoint time is not training throughput; the interval restarts after them
+            speed.reset()
 
     if step < total_steps:  # stopped on purpose (train.stop_at_step): checkpoint saved, resume continues
         metrics.close(None)

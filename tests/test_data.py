@@ -212,3 +212,37 @@ def test_reward_scores_read_the_last_real_token():
     values = torch.tensor([[0.1, 0.2, 0.3, 9.0], [0.5, 0.6, 9.0, 9.0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     assert modeling.last_token_scores(values, mask).tolist() == pytest.approx([0.3, 0.6])
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet", "save_to_disk", "split_dir"])
+def test_local_formats_load_the_same_rows(prepare, tmp_path, kind):
+    from datasets import Dataset, DatasetDict
+
+    rows = tiny_rows(300)
+    table = Dataset.from_list(rows)
+    if kind == "csv":
+        path = tmp_path / "d.csv"
+        table.to_csv(str(path))
+    elif kind == "parquet":
+        path = tmp_path / "d.parquet"
+        table.to_parquet(str(path))
+    elif kind == "save_to_disk":
+        path = tmp_path / "saved"
+        DatasetDict({"train": table}).save_to_disk(str(path))
+    else:
+        path = tmp_path / "splits"
+        path.mkdir()
+        write_jsonl(path / "train.jsonl", rows)
+    prepared, _ = prepare("data=local", f"data.sets.local.path={path}", "data.sets.local.sft_target=response",
+                          "data.split=[1,0,0]")
+    reference, _ = prepare("data=local", f"data.sets.local.path={write_jsonl(tmp_path / 'ref.jsonl', rows)}",
+                           "data.sets.local.sft_target=response", "data.split=[1,0,0]")
+    assert prepared.counts == reference.counts == {"train": 270, "eval": 30}
+    ours, theirs = (data.load_prepared(p.paths["train"])["input_ids"] for p in (prepared, reference))
+    assert ours == theirs
+
+
+def test_slices_do_not_depend_on_world_size(prepare):
+    one, _ = prepare("step=reward")
+    two, _ = prepare("step=reward", "deployment=cpu", "deployment.nproc_per_node=2")
+    assert one.stats["cache"] == two.stats["cache"]   # the same tokenised slice, built once, for any world size
