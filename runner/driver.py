@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -83,12 +84,58 @@ def _print_plan(p: planning.Plan, ds: dict, cmd: list[str], env: dict, memory: d
         print(f"note: {note}")
 
 
+def _slurm_attempt() -> str | None:
+    """This SLURM job attempt (job id and requeue count), when running inside an allocation."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return None
+    return f"{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+
+
+def _follow_slurm_task_zero(run_dir: Path, attempt: str) -> float | None:
+    """Tasks 1..N-1 of a SLURM job: wait for task 0 to write this attempt's launch.sh, then run it (a torchrun agent
+    that joins the rendezvous on the first node)."""
+    ready = run_dir / f".launch-ready-{attempt}"
+    for _ in range(3600):
+        if ready.exists():
+            break
+        time.sleep(1)
+    else:
+        print(f"error: task 0 wrote no {ready.name} in an hour", file=sys.stderr)
+        sys.exit(1)
+    rc = subprocess.call(["bash", str(run_dir / "launch.sh")])
+    if rc != 0:
+        sys.exit(rc)
+    return None
+
+
 def run(cfg: DictConfig) -> float | None:
     global _hydra_dir
     _hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+    attempt = _slurm_attempt() if cfg.deployment.name == "slurm" else None
+    if attempt and os.environ.get("SLURM_PROCID", "0") != "0" and not cfg.dry_run:
+        return _follow_slurm_task_zero(Path(os.path.expanduser(str(cfg.run_dir))).resolve(), attempt)
+    if attempt and not cfg.resume and (_hydra_dir / "checkpoints" / "latest").exists() and not finished(_hydra_dir):
+        print(f"requeued SLURM job: resuming {_hydra_dir} from its latest checkpoint")
+        OmegaConf.update(cfg, "resume", str(_hydra_dir.resolve()), force_add=True)
+    if is_multirun() and not cfg.dry_run:
+        done = finished(_hydra_dir)
+        if done is not None:  # a sweep run again: this point already finished
+            print(f"skipped: {_hydra_dir} already completed")
+            return _objective(done)
+    try:
+        return _run(cfg)
+    except ConfigError as err:
+        if not is_multirun():
+            raise
+        write_status(_hydra_dir, "invalid", _task_overrides(), reason=err.render())  # recorded; the sweep goes on
+        print(err.render(), file=sys.stderr)
+        return None
+
+
+def _run(cfg: DictConfig) -> float | None:
     overrides = _task_overrides()
-    if cfg.resume:
-        cfg, overrides = _resume_config(cfg)
+    if cfg.resume and Path(os.path.expanduser(str(cfg.resume))).resolve() != _hydra_dir.resolve():
+        cfg, overrides = _resume_config(cfg)  # (a requeued job resumes its own directory with its own config)
     p = planning.make_plan(cfg)
     run_dir = Path(os.path.expanduser(str(p.cfg.run_dir))).resolve()
 
@@ -145,7 +192,13 @@ def run(cfg: DictConfig) -> float | None:
     memory = model_state_memory(p.cfg, arch_params, largest, gpus_per_node, len(p.nodes))
     if p.cfg.dry_run:
         _print_plan(p, ds, cmd, env, memory, extra_notes)
-        discard_empty_run_dir()
+        if is_multirun():  # a planned sweep: each point keeps its plan for the sweep's plan report
+            write_status(_hydra_dir, "planned", overrides, plan={
+                "memory": memory, "world_size": p.world_size, "train_batch_size": ds["train_batch_size"],
+                "zero_stage": ds["zero_optimization"]["stage"], "micro_batch_size": ds["train_micro_batch_size_per_gpu"],
+                "command": cmd})
+        else:
+            discard_empty_run_dir()
         return None
 
     if p.cfg.resume:
@@ -165,6 +218,9 @@ def run(cfg: DictConfig) -> float | None:
     if p.deployment.name == "multi_node":
         (run_dir / "deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in env.items() if k != "DS_ENV_FILE"))
     (run_dir / "memory_plan.json").write_text(json.dumps(memory, indent=2) + "\n")
+    attempt = _slurm_attempt() if p.deployment.name == "slurm" else None
+    if attempt:  # the other tasks of this job attempt run launch.sh now
+        (run_dir / f".launch-ready-{attempt}").touch()
 
     print(f"run directory: {run_dir}")
     print(f"DeepSpeed config: {run_dir / 'ds_config.json'}")
@@ -173,14 +229,62 @@ def run(cfg: DictConfig) -> float | None:
         print(f"note: {note}")
     sys.stdout.flush()
     start = time.time()
-    rc = subprocess.call(cmd, env={**os.environ, **env, **secret_env})
+    rc, reason = _launch(cmd, {**os.environ, **env, **secret_env}, run_dir / "launch.log")
+    wall = time.time() - start
     if rc != 0:
-        print(f"error: the launcher exited with code {rc} after {time.time() - start:.0f} s; "
-              f"see the output above and {run_dir}", file=sys.stderr)
+        write_status(run_dir, "failed", overrides, reason=f"exit code {rc}: {reason}", wall_time_s=wall)
+        print(f"error: the launcher exited with code {rc} after {wall:.0f} s ({reason}); "
+              f"see {run_dir / 'launch.log'}", file=sys.stderr)
+        if is_multirun():
+            return None  # recorded; the sweep goes on
         sys.exit(rc)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    print(f"done in {time.time() - start:.0f} s: summary {summary_path}"
+    write_status(run_dir, "completed" if summary else "stopped", overrides, wall_time_s=wall)
+    print(f"done in {wall:.0f} s: summary {summary_path}"
           + (f", model {summary['export_dir']}" if summary.get("export_dir") else ""))
+    return _objective(summary)
+
+
+def _objective(summary: dict) -> float | None:
     objective = summary.get("objective")
     return float(objective) if objective is not None and math.isfinite(objective) else None
+
+
+ERROR_LINE = re.compile(r"(Error|error:|Killed|out of memory|OOM|Traceback)")
+
+
+def _launch(cmd: list[str], env: dict, log_path: Path) -> tuple[int, str]:
+    """Run the launcher, echoing its output and keeping a copy in launch.log; return its exit code and, when it
+    failed, the last line that looks like the reason."""
+    last_error = ""
+    with open(log_path, "w") as log, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                      text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+            if ERROR_LINE.search(line) and "Traceback" not in line:
+                last_error = line.strip().removeprefix("[rank0]: ").removeprefix("[rank1]: ")
+        rc = proc.wait()
+    return rc, (last_error[:300] or "no error line in the output")
+
+
+def is_multirun() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def write_status(run_dir: Path, status: str, overrides: list[str], **extra) -> None:
+    """status.json: what happened to this run (completed / stopped / failed / invalid), read by sweeps and reports."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "status.json").write_text(json.dumps({"status": status, "overrides": overrides, **extra},
+                                                    indent=2) + "\n")
+
+
+def finished(run_dir: Path) -> dict | None:
+    """The summary of a run that completed, for sweeps that are run again."""
+    status = run_dir / "status.json"
+    if status.exists() and json.loads(status.read_text()).get("status") == "completed":
+        return json.loads((run_dir / "summary.json").read_text())
+    return None

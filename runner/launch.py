@@ -125,3 +125,29 @@ def launch_script(cmd: list[str], env: dict[str, str], cwd: str) -> str:
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """Expand a SLURM node list (`gpu[01-03,07],login1`) as `scontrol show hostnames` does."""
+    hosts, depth, token = [], 0, ""
+    parts = []
+    for ch in nodelist:  # split on commas outside brackets
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            parts.append(token)
+            token = ""
+        else:
+            token += ch
+    parts.append(token)
+    for part in filter(None, parts):
+        if "[" not in part:
+            hosts.append(part)
+            continue
+        prefix, ranges = part[: part.index("[")], part[part.index("[") + 1: part.index("]")]
+        suffix = part[part.index("]") + 1:]
+        for r in ranges.split(","):
+            lo, _, hi = r.partition("-")
+            for n in range(int(lo), int(hi or lo) + 1):
+                hosts.append(f"{prefix}{str(n).zfill(len(lo))}{suffix}")
+    return hosts

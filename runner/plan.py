@@ -84,6 +84,21 @@ def _resolve_deployment(cfg: DictConfig, hw: Hardware, dry_run: bool, notes: lis
     if dep.accelerator not in ("cpu", "cuda"):
         raise ConfigError("deployment.accelerator", f"unknown accelerator {dep.accelerator!r}", "use cpu or cuda")
 
+    if dep.name == "slurm":  # inside the allocation: its nodes; planning outside it: the configured count
+        nodelist = os.environ.get("SLURM_JOB_NODELIST")
+        hosts = launch.slurm_hostnames(nodelist) if nodelist else []
+        if hosts:
+            dep.nnodes = int(os.environ.get("SLURM_NNODES", len(hosts)))
+            dep.rdzv_id = os.environ.get("SLURM_JOB_ID", dep.rdzv_id)
+        elif not dry_run:
+            raise ConfigError("deployment", "deployment=slurm runs inside a SLURM allocation (submitted by Hydra's "
+                              "submitit launcher), and this process is not in one", "run it without "
+                              "hydra/launcher=basic, or use deployment=torchrun / multi_node on this machine")
+        if dep.rdzv_endpoint == "auto":
+            dep.rdzv_endpoint = f"{hosts[0] if hosts else 'FIRST_NODE'}:{dep.rdzv_port}"
+            if not hosts:
+                notes.append("deployment=slurm: the rendezvous host is the allocation's first node, known once the "
+                             "job runs (FIRST_NODE in the command below)")
     if dep.name == "multi_node":
         hostfile = dep.hostfile
         if os.path.exists(hostfile):

@@ -58,3 +58,11 @@ def hf_offline(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory):
+    """One short SFT run (40 steps) whose export later end-to-end tests start from."""
+    from tests.e2e import QUICK, run_cli, run_dir_of
+
+    return run_dir_of(run_cli(tmp_path_factory.mktemp("sft_run"), *QUICK))

@@ -45,7 +45,8 @@ GROUPS = ["step", "model", "data", "zero", "precision", "optimizer", "scheduler"
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
 PRESETS = options("model")
 SIZED_PRESETS = [m for m in PRESETS if OmegaConf.load(CONF / "model" / f"{m}.yaml").get("num_params")]
-EXPECTED_WORLD = {"cpu": 1, "single_gpu": 1, "single_node": 8, "auto": 8, "torchrun": 1, "multi_node": 16}
+EXPECTED_WORLD = {"cpu": 1, "single_gpu": 1, "single_node": 8, "auto": 8, "torchrun": 1, "multi_node": 16, "slurm": 16}
+SLURM_ENV = {"SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "7"}  # inside an allocation
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -115,8 +116,12 @@ def assert_option_selected(cfg: DictConfig, group: str, option: str, ignore=()) 
     node = cfg[group] if group != "data" else cfg.data.sets[option.replace("-", "_")]  # data sets: data.sets.<name>
     composed = OmegaConf.to_container(node, resolve=False)
     expected = own_values(group, option, ignore)
+    if group == "deployment" and "deployment" in expected:  # a global-package option (slurm: deployment + hydra)
+        expected = {k: v for k, v in expected["deployment"].items()
+                    if not (isinstance(v, str) and "${" in v)}
     if group == "step":  # step files are global: the stage's keys under `step`, its training defaults under `train`
-        assert {k: cfg.train[k] for k in expected.get("train", {})} == expected.get("train", {})
+        if "train" not in ignore:  # (a recipe's own train keys win over the step's)
+            assert {k: cfg.train[k] for k in expected.get("train", {})} == expected.get("train", {})
         expected = expected["step"]
     assert expected, f"conf/{group}/{option}.yaml sets no value to check"
     assert {k: composed.get(k) for k in expected} == expected
@@ -141,7 +146,10 @@ OPTION_NEEDS = {("data", "local"): lambda hf: [f"data.sets.local.path={TINY_TRAI
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
-def test_every_option_composes_and_plans(compose, hostfile, group, option):
+def test_every_option_composes_and_plans(compose, hostfile, monkeypatch, group, option):
+    if option == "slurm":
+        for k, v in SLURM_ENV.items():
+            monkeypatch.setenv(k, v)
     needs = OPTION_NEEDS.get((group, option), lambda hf: [])(hostfile)
     cfg = compose([f"{group}={option}", *needs])
     assert_option_selected(cfg, group, option, ignore=[n.split("=")[0].split(".")[-1] for n in needs])
@@ -168,7 +176,8 @@ def test_every_recipe_composes_and_plans(compose, recipe):
     for entry in overridden:
         (key, option), = entry.items()
         group = key.removeprefix("override ").strip("/")
-        assert_option_selected(cfg, group, option, ignore=raw.get(group, {}))  # the recipe's own values win
+        ignore = raw.get(group, {}) if group != "step" else ["train"] * ("train" in raw)
+        assert_option_selected(cfg, group, option, ignore=ignore)  # the recipe's own values win
     for section, values in raw.items():  # the recipe's own keys win over the groups'
         if section != "defaults":
             assert OmegaConf.to_container(cfg[section]) | values == OmegaConf.to_container(cfg[section])
@@ -299,7 +308,10 @@ def test_matrix_assembly_is_hydras_composition(compose, matrix_parts, zero, prec
 @pytest.mark.parametrize("deployment", MATRIX_AXES["deployment"])
 @pytest.mark.parametrize("precision", MATRIX_AXES["precision"])
 @pytest.mark.parametrize("zero", MATRIX_AXES["zero"])
-def test_ds_config_matrix(matrix_parts, tmp_path, zero, precision, deployment):
+def test_ds_config_matrix(matrix_parts, tmp_path, monkeypatch, zero, precision, deployment):
+    if deployment == "slurm":
+        for k, v in SLURM_ENV.items():
+            monkeypatch.setenv(k, v)
     cfg = assemble(matrix_parts, zero, precision, deployment)
     hw = DEPLOYMENT_HW.get(deployment, GPU)
     accelerator = "cpu" if hw is CPU else "cuda"

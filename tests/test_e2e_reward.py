@@ -53,9 +53,8 @@ def heldout(n=200):
     return [json.loads(x) for x in HELDOUT.read_text().splitlines()][:n]
 
 
-def test_reward_from_sft_export_learns_heldout_preferences(tmp_path):
-    sft = run_dir_of(run_cli(tmp_path, "train.max_steps=30", "train.log_every=10", "train.eval_max_batches=2"))
-    run_dir = run_dir_of(run_cli(tmp_path, *REWARD, f"step.init_from={sft / 'export'}", "train.max_steps=150"))
+def test_reward_from_sft_export_learns_heldout_preferences(tmp_path, sft_run):
+    run_dir = run_dir_of(run_cli(tmp_path, *REWARD, f"step.init_from={sft_run / 'export'}", "train.max_steps=150"))
     acc = metrics(run_dir, "eval/accuracy")
     assert acc[150] > 0.85 and acc[150] >= acc[50] - 0.05, acc
     s = summary(run_dir)

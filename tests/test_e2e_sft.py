@@ -34,6 +34,8 @@ def test_sft_one_rank(tmp_path, zero):
     row = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r][-1]
     assert row["train/grad_norm"] > 0 and row["train/tokens_per_s"] > 0 and len(row["train/peak_memory_mb"]) == 1
     assert 0 <= row["train/padding_share"] < 0.1
+    if zero == "stage0":  # (ZeRO-3's export is checked on two ranks below)
+        check_export_matches_checkpoint(run_dir)
 
 
 @pytest.mark.parametrize("zero", ["stage2", "stage3"])
@@ -71,11 +73,6 @@ def check_export_matches_checkpoint(run_dir):
     answer = tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     # 40 steps teach the answer's shape (" the ... was ... and ... .") though not yet to copy the item
     assert answer.startswith(" the") and " was " in answer and answer.rstrip().endswith("."), answer
-
-
-def test_export_one_rank(tmp_path):
-    run_dir = run_dir_of(run_cli(tmp_path, "zero=stage0", *QUICK))
-    check_export_matches_checkpoint(run_dir)
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):

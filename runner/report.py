@@ -1,0 +1,163 @@
+"""The report of a sweep: one row per point (status, throughput, memory, final metric, wall time) as Markdown and
+CSV, and plots of throughput and memory against micro-batch size with one line per ZeRO stage.
+
+    python -m runner.report outputs/multirun/<sweep>        # (re)generate it from a sweep directory at any time
+
+Hydra calls it at the end of every multirun (hydra.callbacks.sweep_report in conf/config.yaml). For a planned
+sweep (`-m ... dry_run=true`) it writes plan.md: the estimated model-state memory per device of every point.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+COLUMNS = ["point", "status", "zero", "micro_batch", "world", "tokens_per_s", "samples_per_s", "peak_mem_mb_per_rank",
+           "metric", "value", "wall_time_s", "reason", "overrides"]
+
+
+def _override(overrides: list[str], key: str) -> str | None:
+    for o in overrides:
+        k, _, v = o.lstrip("+~").partition("=")
+        if k == key:
+            return v
+    return None
+
+
+def _median(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    values = values[1:] if len(values) > 2 else values  # the first interval holds start-up
+    return statistics.median(values) if values else None
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for point in sorted((p for p in sweep_dir.iterdir() if (p / "status.json").exists()),
+                        key=lambda p: (len(p.name.split("_", 1)[0]), p.name)):
+        status = json.loads((point / "status.json").read_text())
+        overrides = status.get("overrides", [])
+        row: dict[str, Any] = {"point": point.name, "status": status["status"], "reason": status.get("reason", ""),
+                               "wall_time_s": status.get("wall_time_s"), "overrides": " ".join(overrides)}
+        config = point / "ds_config.json"
+        if config.exists():
+            ds = json.loads(config.read_text())
+            row.update(zero=ds["zero_optimization"]["stage"], micro_batch=ds["train_micro_batch_size_per_gpu"],
+                       world=ds["train_batch_size"] // (ds["train_micro_batch_size_per_gpu"]
+                                                        * ds["gradient_accumulation_steps"]))
+        else:  # an invalid point: read what it asked for
+            zero = _override(overrides, "zero")
+            row.update(zero=int(zero[5]) if zero and zero.startswith("stage") and zero[5:6].isdigit() else zero,
+                       micro_batch=_override(overrides, "train.micro_batch_size"))
+        if "plan" in status:
+            plan = status["plan"]
+            row.update(zero=plan["zero_stage"], micro_batch=plan["micro_batch_size"], world=plan["world_size"],
+                       plan_gb_per_device=round(plan["memory"]["per_device_gb"], 3))
+        metrics_file = point / "metrics.jsonl"
+        if metrics_file.exists():
+            records = [json.loads(x) for x in metrics_file.read_text().splitlines()]
+            train = [r for r in records if "train/loss" in r]
+            row["tokens_per_s"] = _median(train, "train/tokens_per_s")
+            row["samples_per_s"] = _median(train, "train/samples_per_s")
+            peaks = [max(r["train/peak_memory_mb"]) for r in train if r.get("train/peak_memory_mb")]
+            row["peak_mem_mb_per_rank"] = max(peaks) if peaks else None
+        summary = point / "summary.json"
+        if summary.exists():
+            s = json.loads(summary.read_text())
+            row["metric"], row["value"] = s.get("objective_name"), s.get("objective")
+        rows.append(row)
+    return rows
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _plot(rows: list[dict], key: str, ylabel: str, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[Any, list[tuple[float, float]]] = {}
+    for r in rows:
+        try:
+            x, y = float(r.get("micro_batch")), r.get(key)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(y, (int, float)):
+            lines.setdefault(r.get("zero"), []).append((x, y))
+    if not lines:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for zero, points in sorted(lines.items(), key=lambda kv: str(kv[0])):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"ZeRO-{zero}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("micro-batch size per device")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write(sweep_dir: Path) -> Path | None:
+    """Write report.md, report.csv and the plots (or plan.md for a planned sweep) into the sweep directory."""
+    sweep_dir = Path(sweep_dir)
+    rows = collect(sweep_dir)
+    if not rows:
+        return None
+    if all(r["status"] == "planned" for r in rows):
+        lines = ["# Sweep plan: model-state memory per device (DeepSpeed's estimators)", "",
+                 "| point | ZeRO | micro-batch | world | GiB per device | overrides |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['point']} | {r['zero']} | {r['micro_batch']} | {r['world']} | {r['plan_gb_per_device']} | "
+                  f"`{r['overrides']}` |" for r in rows]
+        out = sweep_dir / "plan.md"
+        out.write_text("\n".join(lines) + "\n")
+        return out
+    with open(sweep_dir / "report.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
+    body = "\n".join("| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|").replace("\n", " ") for c in COLUMNS) + " |"
+                     for r in rows)
+    counts = {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})}
+    plots = [name for key, label, name in (("tokens_per_s", "tokens / s", "throughput.png"),
+                                           ("peak_mem_mb_per_rank", "peak memory per rank (MiB)", "memory.png"))
+             if _plot(rows, key, label, sweep_dir / name)]
+    text = (f"# Sweep report: {sweep_dir}\n\n" + ", ".join(f"{n} {s}" for s, n in counts.items()) + "\n\n"
+            + head + "\n" + body + "\n\n" + "".join(f"![{p}]({p})\n" for p in plots))
+    (sweep_dir / "report.md").write_text(text)
+    return sweep_dir / "report.md"
+
+
+class SweepReport(Callback):
+    """Hydra callback: write the report when a multirun ends."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        out = write(Path(config.hydra.sweep.dir))
+        if out:
+            print(f"sweep report: {out}")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or not Path(argv[0]).is_dir():
+        print("usage: python -m runner.report SWEEP_DIR", file=sys.stderr)
+        return 2
+    out = write(Path(argv[0]))
+    print(out or f"no sweep points (status.json) under {argv[0]}")
+    return 0 if out else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
