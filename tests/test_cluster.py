@@ -53,3 +53,11 @@ def test_slurm_submitit_settings(compose):
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (4, 1, 4)
     assert (launcher.partition, launcher.timeout_min, launcher.max_num_timeout) == ("gpu", 60, 3)
     assert cfg.hydra.mode.name == "MULTIRUN"
+
+
+def test_optuna_search_config(compose):
+    cfg = compose(["hparams_search=reward_optuna"], return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("optuna_sweeper.OptunaSweeper") and cfg.hydra.mode.name == "MULTIRUN"
+    assert sweeper.direction == "maximize" and cfg.step.name == "reward"   # reward runs return eval accuracy
+    assert set(sweeper.params) == {"optimizer.lr", "train.micro_batch_size", "step.margin"}
