@@ -48,10 +48,12 @@ def resume(engine, run_dir: Path, dist: Dist) -> dict:
 def full_state_dict(engine, prefix: str = "") -> dict | None:
     """The whole model's weights on rank 0 (gathered layer by layer under ZeRO-3), None on other ranks; keys
     starting with `prefix` have it removed (a wrapper's attribute name)."""
+    import deepspeed.comm as dist_comm
+
     if engine.zero_optimization_partition_weights():
         state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank must call it
     else:
-        state = engine.module.state_dict()
+        state = engine.module.state_dict() if dist_comm.get_rank() == 0 else None  # only rank 0 writes
     if state is None:
         return None
     return {k[len(prefix):] if k.startswith(prefix) else k: v.detach().cpu().clone() for k, v in state.items()}

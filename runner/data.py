@@ -21,12 +21,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import ConfigError
-from runner.plan import is_local_path
+from runner.plan import STAGES, is_local_path
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-STAGES = {"sft": 0, "reward": 1, "ppo": 2}          # index into data.split
 IGNORE = -100
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 # ---------------------------------------------------------------------------------------------------- raw data
@@ -306,22 +305,23 @@ def _build(cfg: DictConfig, tokenizer, stage: str, raw: dict, out_dir: Path) -> 
         stats[name] = {}
         for split_name, split in (("train", train), ("eval", evaluation)):
             where = str(ds.path)
-            normalized, bad = _normalize_split(split, name, ds, stage, data.bad_rows, where)
-            if ds.sft_only:
-                idx = np.arange(len(normalized))
-            else:
-                idx = stage_slice(len(normalized), list(data.split), stage_index, seed)
+            # The stage's slice is cut on the raw rows, before any row is dropped, so that the slices of all stages
+            # stay disjoint whatever each stage's own checks drop.
+            idx = np.arange(len(split)) if ds.sft_only else stage_slice(len(split), list(data.split), stage_index,
+                                                                           seed)
             slice_rows = len(idx)
+            normalized, bad = _normalize_split(split.select(idx), name, ds, stage, data.bad_rows, where)
+            chosen = np.arange(len(normalized))
             if split_name == "train":
-                idx = weighted(idx, float(ds.weight), seed)
-            tokenized = normalized.select(idx).map(
+                chosen = weighted(chosen, float(ds.weight), seed)
+            tokenized = normalized.select(chosen).map(
                 _tokenize, batched=True, remove_columns=normalized.column_names, load_from_cache_file=False,
                 fn_kwargs={"tok": tokenizer, "stage": stage, "max_len": max_len, "policy": data.overlong})
             overlong = sum(tokenized["overlong"])
             tokenized = tokenized.filter(lambda r: r["keep"], load_from_cache_file=False)
             tokenized = tokenized.remove_columns(["overlong", "keep"])
             stats[name][split_name] = {"rows": len(split), **bad, "slice_rows": slice_rows,
-                                       "weighted_rows": len(idx), "overlong": overlong,
+                                       "weighted_rows": len(chosen), "overlong": overlong,
                                        "overlong_policy": data.overlong, "kept": len(tokenized)}
             parts[split_name].append(tokenized)
     counts = {}

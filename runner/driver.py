@@ -91,45 +91,64 @@ def _slurm_attempt() -> str | None:
     return f"{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
 
 
-def _follow_slurm_task_zero(run_dir: Path, attempt: str) -> float | None:
-    """Tasks 1..N-1 of a SLURM job: wait for task 0 to write this attempt's launch.sh, then run it (a torchrun agent
-    that joins the rendezvous on the first node)."""
-    ready = run_dir / f".launch-ready-{attempt}"
+def _marker(attempt: str) -> Path:
+    return _hydra_dir / f".slurm-attempt-{attempt}"
+
+
+def _follow_slurm_task_zero(attempt: str) -> float | None:
+    """Tasks 1..N-1 of a SLURM job: wait for task 0's word on this attempt (it always leaves one), then run the
+    launch.sh it wrote (a torchrun agent that joins the rendezvous on the first node), or nothing."""
+    marker = _marker(attempt)
     for _ in range(3600):
-        if ready.exists():
+        if marker.exists():
             break
         time.sleep(1)
     else:
-        print(f"error: task 0 wrote no {ready.name} in an hour", file=sys.stderr)
+        print(f"error: task 0 left no {marker} in an hour", file=sys.stderr)
         sys.exit(1)
-    rc = subprocess.call(["bash", str(run_dir / "launch.sh")])
+    word = marker.read_text().strip()
+    if not word.startswith("launch "):
+        print(f"task 0 did not launch ({word}); nothing to do on this node")
+        return None
+    rc = subprocess.call(["bash", str(Path(word.split(" ", 1)[1]) / "launch.sh")])
     if rc != 0:
         sys.exit(rc)
     return None
 
 
+def _comparable(overrides: list[str]) -> list[str]:
+    return sorted(o for o in overrides if not o.startswith("sweep_name="))
+
+
 def run(cfg: DictConfig) -> float | None:
     global _hydra_dir
     _hydra_dir = Path(HydraConfig.get().runtime.output_dir)
-    attempt = _slurm_attempt() if cfg.deployment.name == "slurm" else None
-    if attempt and os.environ.get("SLURM_PROCID", "0") != "0" and not cfg.dry_run:
-        return _follow_slurm_task_zero(Path(os.path.expanduser(str(cfg.run_dir))).resolve(), attempt)
-    if attempt and not cfg.resume and (_hydra_dir / "checkpoints" / "latest").exists() and not finished(_hydra_dir):
-        print(f"requeued SLURM job: resuming {_hydra_dir} from its latest checkpoint")
-        OmegaConf.update(cfg, "resume", str(_hydra_dir.resolve()), force_add=True)
-    if is_multirun() and not cfg.dry_run:
-        done = finished(_hydra_dir)
-        if done is not None:  # a sweep run again: this point already finished
-            print(f"skipped: {_hydra_dir} already completed")
-            return _objective(done)
+    attempt = _slurm_attempt() if cfg.deployment.name == "slurm" and not cfg.dry_run else None
+    if attempt and os.environ.get("SLURM_PROCID", "0") != "0":
+        return _follow_slurm_task_zero(attempt)
     try:
-        return _run(cfg)
-    except ConfigError as err:
-        if not is_multirun():
-            raise
-        write_status(_hydra_dir, "invalid", _task_overrides(), reason=err.render())  # recorded; the sweep goes on
-        print(err.render(), file=sys.stderr)
-        return None
+        if (is_multirun() or attempt) and not cfg.dry_run:  # a sweep point or a SLURM job, perhaps run before
+            done = finished(_hydra_dir)
+            if done is not None and _comparable(done["status"]["overrides"]) == _comparable(_task_overrides()):
+                print(f"skipped: {_hydra_dir} already completed")
+                return _objective(done["summary"])
+            if (_hydra_dir / "checkpoints" / "latest").exists() and not cfg.resume:
+                print(f"resuming {_hydra_dir} from its latest checkpoint (an earlier attempt did not finish)")
+                OmegaConf.update(cfg, "resume", str(_hydra_dir.resolve()), force_add=True)
+            else:  # a fresh attempt: drop what a failed one left
+                for name in ("metrics.jsonl", "summary.json", "status.json", "launch.log"):
+                    (_hydra_dir / name).unlink(missing_ok=True)
+        try:
+            return _run(cfg)
+        except ConfigError as err:
+            if not is_multirun():
+                raise
+            write_status(_hydra_dir, "invalid", _task_overrides(), reason=err.render())  # recorded; the sweep goes on
+            print(err.render(), file=sys.stderr)
+            return None
+    finally:
+        if attempt and not _marker(attempt).exists():
+            _marker(attempt).write_text("not launched\n")  # the other tasks must not wait for a launch
 
 
 def _run(cfg: DictConfig) -> float | None:
@@ -220,7 +239,7 @@ def _run(cfg: DictConfig) -> float | None:
     (run_dir / "memory_plan.json").write_text(json.dumps(memory, indent=2) + "\n")
     attempt = _slurm_attempt() if p.deployment.name == "slurm" else None
     if attempt:  # the other tasks of this job attempt run launch.sh now
-        (run_dir / f".launch-ready-{attempt}").touch()
+        _marker(attempt).write_text(f"launch {run_dir}\n")
 
     print(f"run directory: {run_dir}")
     print(f"DeepSpeed config: {run_dir / 'ds_config.json'}")
@@ -283,8 +302,9 @@ def write_status(run_dir: Path, status: str, overrides: list[str], **extra) -> N
 
 
 def finished(run_dir: Path) -> dict | None:
-    """The summary of a run that completed, for sweeps that are run again."""
-    status = run_dir / "status.json"
-    if status.exists() and json.loads(status.read_text()).get("status") == "completed":
-        return json.loads((run_dir / "summary.json").read_text())
+    """The status and summary of a run that completed, for sweeps that are run again."""
+    path = run_dir / "status.json"
+    status = json.loads(path.read_text()) if path.exists() else {}
+    if status.get("status") == "completed" and (run_dir / "summary.json").exists():
+        return {"status": status, "summary": json.loads((run_dir / "summary.json").read_text())}
     return None

@@ -76,10 +76,11 @@ def initialize(model: torch.nn.Module, optimizer: DictConfig, ds_config: dict):
 
 
 def grad_norm(engine) -> float | None:
-    """The global gradient norm before clipping, where DeepSpeed does not record it itself: at ZeRO stage 0 the
-    module holds every (already all-reduced) gradient at the accumulation boundary. Other stages return None and
-    the caller reads engine.get_global_grad_norm() after the step."""
-    if engine.zero_optimization_stage() != 0:
+    """The global gradient norm before clipping, where DeepSpeed does not record it itself: a plain optimizer at
+    ZeRO stage 0, whose module holds every (already all-reduced, unscaled) gradient at the accumulation boundary.
+    DeepSpeed's own wrappers (ZeRO, fp16/bf16 optimizers) record it: None, and the caller reads
+    engine.get_global_grad_norm() after the step (fp16 gradients in .grad are loss-scaled)."""
+    if engine.zero_optimization_stage() != 0 or hasattr(engine.optimizer, "_global_grad_norm"):
         return None
     grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0

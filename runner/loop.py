@@ -62,7 +62,7 @@ def run(stage: Stage, engine, cfg: DictConfig, run_dir: Path, dist: Dist, train_
     batches = epoch_batches(state["epoch"])
     stop_at = int(train_cfg.stop_at_step or total_steps)
     while step < min(total_steps, stop_at):
-        logging_step = (step + 1) % int(train_cfg.log_every) == 0 or step + 1 == total_steps
+        logging_step = (step + 1) % int(train_cfg.log_every) == 0 or step + 1 in (total_steps, stop_at)
         grad_norm = None
         for micro_step in range(gas):
             if state["micro_in_epoch"] >= len(batches) // gas * gas:  # next epoch (an incomplete last step is dropped)

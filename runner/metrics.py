@@ -76,7 +76,7 @@ class Metrics:
 
 
 class Throughput:
-    """Tokens and samples per second over the interval since the last read."""
+    """Real tokens, computed (padded) tokens and samples since the last reset, and when it was."""
 
     def __init__(self):
         self.reset()
@@ -89,8 +89,3 @@ class Throughput:
         self.tokens += int(mask.sum())
         self.padded += mask.numel()
         self.samples += mask.shape[0]
-
-    def read(self) -> dict:
-        dt = max(time.perf_counter() - self.start, 1e-9)
-        return {"tokens_per_s": self.tokens / dt, "samples_per_s": self.samples / dt,
-                "padding_share": 1 - self.tokens / max(1, self.padded)}

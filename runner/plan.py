@@ -17,6 +17,7 @@ from runner import launch
 from runner.errors import ConfigError
 
 SECRET_KEY = re.compile(r"(api_?key|token|secret|password)$", re.IGNORECASE)
+STAGES = {"sft": 0, "reward": 1, "ppo": 2}  # each stage's index into data.split
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -269,7 +270,7 @@ def _validate_data(cfg: DictConfig) -> None:
     if len(split) != 3 or any(not isinstance(x, (int, float)) or x < 0 for x in split) or sum(split) <= 0:
         raise ConfigError("data.split", f"must be three non-negative shares for sft, reward and ppo, got {split}",
                           "e.g. data.split=[2,4,4] (DeepSpeed-Chat's default) or data.split=[1,0,0]")
-    stage_share = split[{"sft": 0, "reward": 1, "ppo": 2}.get(cfg.step.name, 0)]
+    stage_share = split[STAGES.get(cfg.step.name, 0)]
     if stage_share == 0 and any(not ds.sft_only for ds in data.sets.values()):
         raise ConfigError("data.split", f"gives the {cfg.step.name} stage no rows ({split})",
                           "give this stage a positive share")

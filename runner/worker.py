@@ -28,15 +28,15 @@ def main(argv: list[str]) -> int:
 
     configure_wandb_env(cfg, run_dir)  # before any engine exists: DeepSpeed's monitor calls wandb.init
     stage = importlib.import_module(f"runner.stages.{cfg.step.name}")
-    try:
-        stage.run(cfg, ds_config, run_dir, dist)
-    finally:
-        import deepspeed.comm as dist_comm
-        import torch.distributed
+    stage.run(cfg, ds_config, run_dir, dist)
+    # Only on success: a rank that raised must exit (the launcher then stops the others), not wait in a barrier
+    # while the other ranks wait in a collective of the training step.
+    import deepspeed.comm as dist_comm
+    import torch.distributed
 
-        if torch.distributed.is_initialized():
-            dist_comm.barrier()
-            torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():
+        dist_comm.barrier()
+        torch.distributed.destroy_process_group()
     return 0
 
 

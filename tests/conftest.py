@@ -61,8 +61,23 @@ def hf_offline(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def sft_run(tmp_path_factory):
-    """One short SFT run (40 steps) whose export later end-to-end tests start from."""
+def sft_run(sft_runs):
+    """The default short SFT run (ZeRO-0, one rank, 40 steps), whose export later end-to-end tests start from."""
+    return sft_runs("stage0")
+
+
+@pytest.fixture(scope="session")
+def sft_runs(tmp_path_factory):
+    """SFT runs (40 steps) shared by the tests that need the same run: runs(zero, ranks) -> run directory."""
     from tests.e2e import QUICK, run_cli, run_dir_of
 
-    return run_dir_of(run_cli(tmp_path_factory.mktemp("sft_run"), *QUICK))
+    done = {}
+
+    def get(zero: str, ranks: int = 1):
+        if (zero, ranks) not in done:
+            extra = ["deployment=cpu", f"deployment.nproc_per_node={ranks}", f"train.micro_batch_size={8 // ranks}"]
+            done[zero, ranks] = run_dir_of(run_cli(tmp_path_factory.mktemp(f"sft_{zero}_{ranks}"), f"zero={zero}",
+                                                   *(extra if ranks > 1 else []), *QUICK))
+        return done[zero, ranks]
+
+    return get

@@ -246,3 +246,20 @@ def test_slices_do_not_depend_on_world_size(prepare):
     one, _ = prepare("step=reward")
     two, _ = prepare("step=reward", "deployment=cpu", "deployment.nproc_per_node=2")
     assert one.stats["cache"] == two.stats["cache"]   # the same tokenised slice, built once, for any world size
+
+
+def test_slices_stay_disjoint_when_stages_drop_different_rows(prepare, tmp_path):
+    rows = tiny_rows(1000)
+    for r in rows[::7]:  # identical pairs: dropped (skipped) by the reward stage only
+        r["rejected"] = r["chosen"]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    args = ["data=local", f"data.sets.local.path={path}", "data.sets.local.sft_target=response",
+            "data.sets.local.splits.eval=null", "data.bad_rows=skip"]
+    sft, _ = prepare("step=sft", *args)
+    reward, _ = prepare("step=reward", *args)
+    n = 900  # train rows after the seeded 10% eval split
+    for prepared, stage in ((sft, 0), (reward, 1)):
+        stats = prepared.stats["sets"]["local"]["train"]
+        assert stats["slice_rows"] == len(data.stage_slice(n, [2, 4, 4], stage, 1234))  # cut before any drop
+    assert reward.stats["sets"]["local"]["train"]["bad_rows_skipped"] > 0
+    assert sft.stats["sets"]["local"]["train"]["bad_rows_skipped"] == 0

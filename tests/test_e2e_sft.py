@@ -25,9 +25,8 @@ def assert_learned(run_dir):
 
 
 @pytest.mark.parametrize("zero", ["stage0", "stage1", "stage2", "stage3"])
-def test_sft_one_rank(tmp_path, zero):
-    proc = run_cli(tmp_path, f"zero={zero}", *QUICK)
-    run_dir = run_dir_of(proc)
+def test_sft_one_rank(sft_runs, zero):
+    run_dir = sft_runs(zero)
     assert_learned(run_dir)
     ds = json.loads((run_dir / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == int(zero[-1]) and ds["train_batch_size"] == 8
@@ -39,10 +38,8 @@ def test_sft_one_rank(tmp_path, zero):
 
 
 @pytest.mark.parametrize("zero", ["stage2", "stage3"])
-def test_sft_two_ranks(tmp_path, zero):
-    proc = run_cli(tmp_path, f"zero={zero}", "deployment=cpu", "deployment.nproc_per_node=2",
-                   "train.micro_batch_size=4", *QUICK)
-    run_dir = run_dir_of(proc)
+def test_sft_two_ranks(sft_runs, zero):
+    run_dir = sft_runs(zero, ranks=2)
     assert_learned(run_dir)
     s = summary(run_dir)
     assert s["world_size"] == 2 and len(s["peak_memory_mb"]) == 2
@@ -75,10 +72,9 @@ def check_export_matches_checkpoint(run_dir):
     assert answer.startswith(" the") and " was " in answer and answer.rstrip().endswith("."), answer
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path):
-    common = ["zero=stage2", "train.save_every=20", *QUICK]
-    full = run_dir_of(run_cli(tmp_path, *common))
-    part = run_cli(tmp_path, *common, "train.stop_at_step=20")
+def test_resume_reproduces_uninterrupted_run(tmp_path, sft_runs):
+    full = sft_runs("stage2")  # the uninterrupted run (checkpoint intervals do not change the losses)
+    part = run_cli(tmp_path, "zero=stage2", "train.save_every=20", *QUICK, "train.stop_at_step=20")
     part_dir = run_dir_of(part)
     assert "stopped at step 20" in part.stdout + part.stderr
     assert not (part_dir / "export").exists() and (part_dir / "checkpoints" / "step20").is_dir()

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from runner.launch import free_port
-from tests.e2e import metrics, run_cli, run_dir_of, summary
+from tests.e2e import QUICK, metrics, run_cli, summary
 
 pytestmark = pytest.mark.e2e
 SHORT = ["train.max_steps=12", "train.log_every=3", "train.eval_max_batches=2"]
@@ -65,9 +65,9 @@ def test_planned_sweep_estimates_memory_per_point(tmp_path):
     assert per_device[("3", "1")] < per_device[("2", "1")]   # ZeRO-3 needs less per device than ZeRO-2
 
 
-def test_two_nodes_on_one_machine_match_a_single_node(tmp_path):
-    common = ["zero=stage2", "train.micro_batch_size=4", "deployment.threads_per_rank=1", *SHORT]
-    single = run_dir_of(run_cli(tmp_path, "deployment=cpu", "deployment.nproc_per_node=2", *common))
+def test_two_nodes_on_one_machine_match_a_single_node(tmp_path, sft_runs):
+    single = sft_runs("stage2", ranks=2)  # one node, two ranks, 4 samples each per step
+    common = ["zero=stage2", "train.micro_batch_size=4", "deployment.threads_per_rank=1", *QUICK]
 
     two = tmp_path / "two_nodes"
     port = free_port()
