@@ -37,9 +37,27 @@ def _task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
-def _redact(overrides: list[str], secrets: list[str]) -> list[str]:
-    return [o if not any(o.lstrip("+~").startswith(s + "=") for s in secrets) else o.split("=", 1)[0] + "=<redacted>"
-            for o in overrides]
+def redact(overrides: list[str]) -> list[str]:
+    """Overrides as they may be written down: the value of any secret-looking key (api_key, token, secret,
+    password) replaced by <redacted>."""
+    out = []
+    for o in overrides:
+        key, sep, _ = o.partition("=")
+        secret = sep and planning.SECRET_KEY.search(key.lstrip("+~").rsplit(".", 1)[-1])
+        out.append(f"{key}=<redacted>" if secret else o)
+    return out
+
+
+def _scrub_sweep_file(secret_values: list[str]) -> None:
+    """Hydra writes the sweep's overrides to multirun.yaml before any job runs: take secrets out of it."""
+    if not secret_values or not is_multirun():
+        return
+    path = Path(HydraConfig.get().sweep.dir) / "multirun.yaml"
+    if path.exists():
+        text = path.read_text()
+        for value in secret_values:
+            text = text.replace(value, "<redacted>")
+        path.write_text(text)
 
 
 def _resume_config(cfg: DictConfig) -> tuple[DictConfig, list[str]]:
@@ -129,7 +147,7 @@ def run(cfg: DictConfig) -> float | None:
     try:
         if (is_multirun() or attempt) and not cfg.dry_run:  # a sweep point or a SLURM job, perhaps run before
             done = finished(_hydra_dir)
-            if done is not None and _comparable(done["status"]["overrides"]) == _comparable(_task_overrides()):
+            if done is not None and _comparable(done["status"]["overrides"]) == _comparable(redact(_task_overrides())):
                 print(f"skipped: {_hydra_dir} already completed")
                 return _objective(done["summary"])
             if (_hydra_dir / "checkpoints" / "latest").exists() and not cfg.resume:
@@ -159,12 +177,15 @@ def _run(cfg: DictConfig) -> float | None:
     run_dir = Path(os.path.expanduser(str(p.cfg.run_dir))).resolve()
 
     secrets = planning.secret_keys(p.cfg)
-    secret_env = {}
+    secret_env, secret_values = {}, []
     for key in secrets:  # never written to the run directory; handed to the ranks through their environment
         value = OmegaConf.select(p.cfg, key)
+        if value:
+            secret_values.append(str(value))
         if key.startswith("logger.") and value:
             secret_env["WANDB_API_KEY"] = str(value)
         OmegaConf.update(p.cfg, key, None, force_add=True)
+    _scrub_sweep_file(secret_values)
 
     from runner import data, modeling
 
@@ -230,7 +251,7 @@ def _run(cfg: DictConfig) -> float | None:
         discard_empty_run_dir()  # Hydra's own job dir, when run_dir= or resume= points elsewhere
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(p.cfg))
-    (run_dir / "overrides.yaml").write_text(yaml.safe_dump(_redact(overrides, secrets)))
+    (run_dir / "overrides.yaml").write_text(yaml.safe_dump(redact(overrides)))
     (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
     (run_dir / "launch.sh").write_text(launch.launch_script(cmd, env, os.getcwd()))
     (run_dir / "launch.sh").chmod(0o755)
@@ -297,7 +318,7 @@ def is_multirun() -> bool:
 def write_status(run_dir: Path, status: str, overrides: list[str], **extra) -> None:
     """status.json: what happened to this run (completed / stopped / failed / invalid), read by sweeps and reports."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "status.json").write_text(json.dumps({"status": status, "overrides": overrides, **extra},
+    (run_dir / "status.json").write_text(json.dumps({"status": status, "overrides": redact(overrides), **extra},
                                                     indent=2) + "\n")
 
 

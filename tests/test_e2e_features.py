@@ -33,6 +33,7 @@ def test_wandb_offline_and_no_secret_in_run_dir(tmp_path):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), f"secret written to {path}"
     assert "<redacted>" in (run_dir / "overrides.yaml").read_text()
+    assert "+logger.api_key=<redacted>" in (run_dir / "status.json").read_text()
     assert "wandb: logging offline" in proc.stdout + proc.stderr
 
 
