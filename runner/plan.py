@@ -8,7 +8,6 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -63,13 +62,6 @@ def secret_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
         elif SECRET_KEY.search(str(key)):
             found.append(full)
     return found
-
-
-def _require(cfg: DictConfig, key: str, fix: str) -> Any:
-    try:
-        return OmegaConf.select(cfg, key, throw_on_missing=True)
-    except MissingMandatoryValue:
-        raise ConfigError(key, "is required for this choice and has no value", fix) from None
 
 
 def _resolve_deployment(cfg: DictConfig, hw: Hardware, dry_run: bool, notes: list[str]) -> tuple[int, dict[str, int]]:
