@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import ConfigError
+from runner.modeling import tokenizer_fingerprint
 from runner.plan import STAGES, is_local_path
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -290,15 +291,13 @@ class Prepared:
         return {"paths": self.paths, "counts": self.counts, "stats": self.stats}
 
 
-def _tokenizer_fingerprint(tok) -> str:
-    return hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()[:16]
-
-
 def _build(cfg: DictConfig, tokenizer, stage: str, raw: dict, out_dir: Path) -> dict:
     from datasets import concatenate_datasets
 
     data = cfg.data
     seed, max_len, stage_index = int(cfg.seed), int(data.max_seq_len), STAGES[stage]
+    if stage == "ppo":
+        max_len = int(cfg.step.max_prompt_len)
     stats: dict[str, Any] = {}
     parts: dict[str, list] = {"train": [], "eval": []}
     for name, (ds, train, evaluation) in raw.items():
@@ -318,6 +317,14 @@ def _build(cfg: DictConfig, tokenizer, stage: str, raw: dict, out_dir: Path) -> 
                 _tokenize, batched=True, remove_columns=normalized.column_names, load_from_cache_file=False,
                 fn_kwargs={"tok": tokenizer, "stage": stage, "max_len": max_len, "policy": data.overlong})
             overlong = sum(tokenized["overlong"])
+            if stage == "ppo" and overlong and data.overlong == "truncate":
+                longest = max(len(ids) for ids in tokenized["prompt_ids"])
+                raise ConfigError("step.max_prompt_len", f"{overlong} prompts of data set {name!r} ({where}, "
+                                  f"{split_name} split) are longer than step.max_prompt_len={max_len} tokens "
+                                  f"(the longest has {longest}); a prompt cannot be cut without losing its question",
+                                  "raise step.max_prompt_len (at most the actor's positions minus "
+                                  "step.generation.max_new_tokens), or set data.overlong=drop to skip such prompts "
+                                  "(they are counted)")
             tokenized = tokenized.filter(lambda r: r["keep"], load_from_cache_file=False)
             tokenized = tokenized.remove_columns(["overlong", "keep"])
             stats[name][split_name] = {"rows": len(split), **bad, "slice_rows": slice_rows,
@@ -351,7 +358,7 @@ def prepare(cfg: DictConfig, tokenizer, cache_root: Path) -> Prepared:
     key_parts = {"version": CACHE_VERSION, "stage": stage, "seed": int(cfg.seed),
                  "data": OmegaConf.to_container(cfg.data, resolve=True),
                  "content": {n: content_fingerprint(n, ds, t, e) for n, (ds, t, e) in raw.items()},
-                 "tokenizer": _tokenizer_fingerprint(tokenizer), "eos": tokenizer.eos_token_id}
+                 "tokenizer": tokenizer_fingerprint(tokenizer), "eos": tokenizer.eos_token_id}
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
     root = cache_root / f"{stage}-{key}"
     if not (root / "meta.json").exists():
@@ -369,6 +376,71 @@ def prepare(cfg: DictConfig, tokenizer, cache_root: Path) -> Prepared:
     meta = json.loads((root / "meta.json").read_text())
     paths = {name: str(root / name) for name in ("train", "eval")}
     return Prepared(paths=paths, counts=meta["counts"], stats={"cache": str(root), "sets": meta["sets"]})
+
+
+def prepare_unsupervised(cfg: DictConfig, tokenizer, cache_root: Path) -> dict:
+    """PPO's pretraining-loss data (step.unsupervised): the texts of one split, tokenised with an eos after each,
+    concatenated and cut into blocks of block_size tokens (as DeepSpeed-Chat groups them). Cached like `prepare`."""
+    from datasets import Dataset
+
+    uns = cfg.step.unsupervised
+    block = int(uns.block_size or int(cfg.step.max_prompt_len) + int(cfg.step.generation.max_new_tokens))
+    spec = OmegaConf.create({"path": uns.path, "config_name": uns.config_name,
+                             "splits": {"train": uns.split, "eval": None}, "eval_fraction": 0.0})
+    import datasets
+
+    datasets.utils.logging.set_verbosity(50)
+    datasets.disable_progress_bars()
+    try:
+        if is_local_path(str(uns.path)):
+            local = Path(os.path.expanduser(str(uns.path)))
+            if not local.exists():
+                raise ConfigError("step.unsupervised.path", f"{uns.path!r} does not exist",
+                                  "give a text data set: a hub id, a json/jsonl/csv/parquet file or a directory")
+            raw = _load_files(local, [uns.split], "step.unsupervised.path")
+        else:
+            from datasets import load_dataset
+
+            raw = load_dataset(str(uns.path), uns.config_name)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError("step.unsupervised.path", f"cannot load {uns.path!r}: {first}",
+                          "check the path (or that the hub is reachable)") from None
+    split = raw[uns.split] if uns.split in raw else None
+    if split is None:
+        raise ConfigError("step.unsupervised.split", f"{uns.path} has no split {uns.split!r} (it has {list(raw)})",
+                          f"set step.unsupervised.split to one of {list(raw)}")
+    if uns.field not in split.column_names:
+        raise ConfigError("step.unsupervised.field", f"{uns.path} has no column {uns.field!r} "
+                          f"(it has {split.column_names})", "set step.unsupervised.field to its text column")
+    key_parts = {"version": CACHE_VERSION, "kind": "unsupervised", "block": block,
+                 "spec": OmegaConf.to_container(uns, resolve=True),
+                 "content": content_fingerprint("unsupervised", spec, split, split),
+                 "tokenizer": tokenizer_fingerprint(tokenizer)}
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    root = cache_root / f"unsupervised-{key}"
+    if not (root / "meta.json").exists():
+        texts = [t for t in split[uns.field] if isinstance(t, str) and t.strip()]
+        ids: list[int] = []
+        for start in range(0, len(texts), 1000):
+            for piece in tokenizer(texts[start:start + 1000], add_special_tokens=False)["input_ids"]:
+                ids.extend(piece + [tokenizer.eos_token_id])
+        blocks = [ids[i:i + block] for i in range(0, len(ids) - block + 1, block)]
+        if not blocks:
+            raise ConfigError("step.unsupervised.path", f"{uns.path} has {len(ids)} tokens of text, fewer than one "
+                              f"block of {block}", "use more text or a smaller step.unsupervised.block_size")
+        tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        Dataset.from_dict({"input_ids": blocks}).save_to_disk(str(tmp / "train"))
+        (tmp / "meta.json").write_text(json.dumps({"key": key_parts, "blocks": len(blocks)}, default=str))
+        try:
+            tmp.rename(root)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    meta = json.loads((root / "meta.json").read_text())
+    return {"path": str(root / "train"), "blocks": meta["blocks"], "block_size": block}
 
 
 def load_prepared(path: str):

@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from runner import launch, plan as planning
-from runner.ds_config import build_ds_config
+from runner.ds_config import build_ds_config, build_ppo_ds_configs
 from runner.errors import ConfigError
 
 _hydra_dir: Path | None = None   # the directory Hydra created for this job (removed again if left empty)
@@ -60,7 +60,7 @@ def _scrub_sweep_file(secret_values: list[str]) -> None:
         path.write_text(text)
 
 
-def _resume_config(cfg: DictConfig) -> tuple[DictConfig, list[str]]:
+def _resume_config(cfg: DictConfig, current: list[str]) -> tuple[DictConfig, list[str]]:
     """Recompose a run's config from the overrides it was started with, plus the new ones given now."""
     from hydra import compose
 
@@ -70,16 +70,19 @@ def _resume_config(cfg: DictConfig) -> tuple[DictConfig, list[str]]:
         raise ConfigError("resume", f"{run_dir} is not a run directory (it has no overrides.yaml)",
                           "pass the directory a previous `python -m runner` printed as its run directory")
     ckpt = run_dir / "checkpoints" / "latest"
-    if not ckpt.is_file():
+    if not ckpt.is_file() and not (run_dir / "pipeline.yaml").is_file():  # a pipeline resumes stage by stage
         raise ConfigError("resume", f"{run_dir} has no checkpoint to resume from (no checkpoints/latest)",
                           "set train.save_every=N so runs save checkpoints, or start a new run without resume=")
     old = yaml.safe_load(saved.read_text()) or []
-    new = [o for o in _task_overrides() if not o.split("=", 1)[0].lstrip("+~") in ("resume", "run_dir")]
+    new = [o for o in current if not o.split("=", 1)[0].lstrip("+~") in ("resume", "run_dir")]
     if any("<redacted>" in o for o in old):
         raise ConfigError("resume", "the run was started with a secret on the command line (it was not saved)",
                           "put the secret in the environment (e.g. WANDB_API_KEY) and resume again")
-    overrides = old + new + [f"run_dir={run_dir}", f"resume={run_dir}"]
-    return compose(config_name="config", overrides=overrides), old + new
+    from runner.pipeline import merge_overrides
+
+    kept = merge_overrides(old, new)  # a new value for a key replaces the saved one
+    overrides = kept + [f"run_dir={run_dir}", f"resume={run_dir}"]
+    return compose(config_name="config", overrides=overrides), kept
 
 
 def _total_steps(train: DictConfig, steps_per_epoch: int) -> int:
@@ -88,10 +91,13 @@ def _total_steps(train: DictConfig, steps_per_epoch: int) -> int:
     return int(train.epochs) * steps_per_epoch
 
 
-def _print_plan(p: planning.Plan, ds: dict, cmd: list[str], env: dict, memory: dict | None, extra: list[str]) -> None:
+def _print_plan(p: planning.Plan, ds: dict, cmd: list[str], env: dict, memory: dict | None, extra: list[str],
+                others: dict | None = None) -> None:
     cfg = OmegaConf.to_container(p.cfg, resolve=True)
     print("# composed recipe\n" + yaml.safe_dump(cfg, sort_keys=False).rstrip())
-    print("\n# ds_config.json\n" + json.dumps(ds, indent=2))
+    print("\n# ds_config.json" + (" (the actor's)" if others else "") + "\n" + json.dumps(ds, indent=2))
+    for name, config in (others or {}).items():
+        print(f"\n# ds_config.{name}.json\n" + json.dumps(config, indent=2))
     print("\n# launcher command\n" + " ".join(f"{k}={v}" for k, v in sorted(env.items())) + " " +
           " ".join(map(lambda s: s if s and " " not in s else repr(s), cmd)))
     if memory:
@@ -169,10 +175,17 @@ def run(cfg: DictConfig) -> float | None:
             _marker(attempt).write_text("not launched\n")  # the other tasks must not wait for a launch
 
 
-def _run(cfg: DictConfig) -> float | None:
-    overrides = _task_overrides()
-    if cfg.resume and Path(os.path.expanduser(str(cfg.resume))).resolve() != _hydra_dir.resolve():
-        cfg, overrides = _resume_config(cfg)  # (a requeued job resumes its own directory with its own config)
+def _run(cfg: DictConfig, overrides: list[str] | None = None) -> float | None:
+    """One run (or, for step=rlhf, a pipeline of runs). `overrides` are given by the pipeline for its stages (their
+    config is composed from them already); otherwise they are the command line's."""
+    if overrides is None:
+        overrides = _task_overrides()
+        if cfg.resume and Path(os.path.expanduser(str(cfg.resume))).resolve() != _hydra_dir.resolve():
+            cfg, overrides = _resume_config(cfg, overrides)  # (a requeued job resumes its own dir with its own config)
+        if cfg.step.name == "rlhf":
+            from runner import pipeline
+
+            return pipeline.run(cfg, [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "resume"])
     p = planning.make_plan(cfg)
     run_dir = Path(os.path.expanduser(str(p.cfg.run_dir))).resolve()
 
@@ -189,6 +202,9 @@ def _run(cfg: DictConfig) -> float | None:
 
     from runner import data, modeling
 
+    ppo = p.cfg.step.name == "ppo"
+    if ppo and not p.cfg.step.get("pending_exports"):
+        planning.check_tokenizers(p.cfg)
     extra_notes: list[str] = []
     tokenizer, prepared = None, None
     local_inputs = planning.is_local_path(str(p.cfg.model.tokenizer)) and all(
@@ -208,18 +224,29 @@ def _run(cfg: DictConfig) -> float | None:
         extra_notes.append(f"dry run: data sets {', '.join(str(d.path) for d in p.cfg.data.sets.values())} are "
                            "not read, so total_num_steps (epochs x steps per epoch) is computed at launch")
     arch_params = modeling.count_params(p.cfg.model, tokenizer)
-    steps_per_epoch = prepared.steps_per_epoch(p.cfg.train, p.world_size) if prepared else 0
+    unsupervised = None
+    if ppo:  # a step takes generation_batch_size x generation_batches prompts per rank
+        per_step = int(p.cfg.step.generation_batch_size) * p.world_size * int(p.cfg.step.generation_batches)
+        steps_per_epoch = prepared.counts["train"] // per_step if prepared else 0
+        if p.cfg.step.unsupervised.path and tokenizer is not None:
+            unsupervised = data.prepare_unsupervised(p.cfg, tokenizer, Path(p.cfg.cache_dir).resolve())
+    else:
+        steps_per_epoch = prepared.steps_per_epoch(p.cfg.train, p.world_size) if prepared else 0
     total = _total_steps(p.cfg.train, steps_per_epoch)
     if prepared and total < 1:
-        raise ConfigError("train.micro_batch_size", f"the training split has {prepared.counts['train']} samples, "
-                          f"fewer than one step of micro_batch_size × world size × gradient_accumulation_steps",
-                          "lower train.micro_batch_size or use more data")
+        what = ("step.generation_batch_size × world size × step.generation_batches prompts" if ppo else
+                "micro_batch_size × world size × gradient_accumulation_steps")
+        raise ConfigError("step.generation_batch_size" if ppo else "train.micro_batch_size",
+                          f"the training split has {prepared.counts['train']} samples, fewer than one step of {what}",
+                          "lower the batch size or use more data")
     OmegaConf.update(p.cfg, "runtime", {
         "world_size": p.world_size, "nodes": p.nodes, "total_steps": total, "steps_per_epoch": steps_per_epoch,
         "cwd": os.getcwd(), "run_dir": str(run_dir), "num_params": arch_params,
-        "data": prepared.as_dict() if prepared else None, "notes": p.notes + extra_notes}, force_add=True)
+        "data": prepared.as_dict() if prepared else None, "unsupervised": unsupervised,
+        "notes": p.notes + extra_notes}, force_add=True)
 
-    ds = build_ds_config(p.cfg, p.world_size, total, str(run_dir))
+    engine_configs = build_ppo_ds_configs(p.cfg, p.world_size, total, str(run_dir)) if ppo else {}
+    ds = engine_configs.pop("actor") if ppo else build_ds_config(p.cfg, p.world_size, total, str(run_dir))
     cmd = launch.launcher_command(p.deployment, str(run_dir))
     env = launch.worker_env(p.deployment)
     if p.deployment.name == "multi_node":
@@ -231,7 +258,7 @@ def _run(cfg: DictConfig) -> float | None:
 
     memory = model_state_memory(p.cfg, arch_params, largest, gpus_per_node, len(p.nodes))
     if p.cfg.dry_run:
-        _print_plan(p, ds, cmd, env, memory, extra_notes)
+        _print_plan(p, ds, cmd, env, memory, extra_notes, engine_configs)
         if is_multirun():  # a planned sweep: each point keeps its plan for the sweep's plan report
             write_status(_hydra_dir, "planned", overrides, plan={
                 "memory": memory, "world_size": p.world_size, "train_batch_size": ds["train_batch_size"],
@@ -253,6 +280,8 @@ def _run(cfg: DictConfig) -> float | None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(p.cfg))
     (run_dir / "overrides.yaml").write_text(yaml.safe_dump(redact(overrides)))
     (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+    for name, config in engine_configs.items():  # PPO: ds_config.json is the actor's; the other engines' beside it
+        (run_dir / f"ds_config.{name}.json").write_text(json.dumps(config, indent=2) + "\n")
     (run_dir / "launch.sh").write_text(launch.launch_script(cmd, env, os.getcwd()))
     (run_dir / "launch.sh").chmod(0o755)
     if p.deployment.name == "multi_node":

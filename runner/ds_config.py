@@ -102,3 +102,61 @@ def build_ds_config(cfg: DictConfig, world_size: int, total_steps: int, run_dir:
 
     extra = OmegaConf.to_container(cfg.ds, resolve=True) if cfg.get("ds") else {}
     return _deep_merge(ds, copy.deepcopy(extra))
+
+
+# ---------------------------------------------------------------------------------------------------- PPO
+def ppo_optimizer_steps(cfg: DictConfig) -> int:
+    """Optimizer steps of each training engine per PPO step: the experience (step.generation_batch_size x
+    step.generation_batches answers per rank) in chunks of train.micro_batch_size, step.ppo_epochs times, one
+    optimizer step per train.gradient_accumulation_steps chunks (runner.plan checks that this divides)."""
+    step, train = cfg.step, cfg.train
+    chunks = int(step.generation_batch_size) * int(step.generation_batches) // int(train.micro_batch_size)
+    return chunks * int(step.ppo_epochs) // int(train.gradient_accumulation_steps)
+
+
+def _inference_config(cfg: DictConfig, world_size: int, stage: int, offload: bool) -> dict[str, Any]:
+    """A frozen model's engine (reference, reward model): no optimizer, no scheduler; ZeRO-3 partitions it where the
+    engine it mirrors is ZeRO-3, and its weights live on the CPU when offloaded (which needs ZeRO-3)."""
+    micro = int(cfg.step.generation_batch_size)
+    zero: dict[str, Any] = {"stage": 3 if (stage == 3 or offload) else 0}
+    if zero["stage"] == 3:
+        zero["stage3_param_persistence_threshold"] = 10000
+        if offload:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.deployment.accelerator == "cuda"}
+    ds: dict[str, Any] = {"train_batch_size": micro * world_size, "train_micro_batch_size_per_gpu": micro,
+                          "gradient_accumulation_steps": 1, "steps_per_print": int(cfg.train.steps_per_print),
+                          "wall_clock_breakdown": False, "zero_optimization": zero}
+    dtype = cfg.precision.dtype
+    ds["fp16"] = {"enabled": dtype == "fp16"}
+    ds["bf16"] = {"enabled": dtype == "bf16"}
+    return ds
+
+
+def build_ppo_ds_configs(cfg: DictConfig, world_size: int, total_steps: int, run_dir: str) -> dict[str, dict]:
+    """The four engines of a PPO run, from the same resolved config:
+
+        actor      = build_ds_config(cfg) over total_steps x ppo_optimizer_steps(cfg) optimizer steps,
+                     + hybrid_engine = step.hybrid_engine.*
+        critic     = the same with zero = step.critic.zero, optimizer.lr = step.critic.lr,
+                     optimizer.weight_decay = step.critic.weight_decay, and no monitor (the actor's logs the run)
+        reference  = _inference_config: ZeRO-3 if the actor is ZeRO-3 or step.reference.offload
+        reward     = _inference_config: ZeRO-3 if the critic is ZeRO-3 or step.reward_model.offload
+    """
+    optimizer_steps = total_steps * ppo_optimizer_steps(cfg)
+    actor = build_ds_config(cfg, world_size, optimizer_steps, run_dir)
+    he = OmegaConf.to_container(cfg.step.hybrid_engine, resolve=True)
+    if he.get("enabled"):
+        actor["hybrid_engine"] = he
+    critic_cfg = copy.deepcopy(cfg)
+    critic_cfg.zero = cfg.step.critic.zero
+    critic_cfg.optimizer.lr = cfg.step.critic.lr
+    critic_cfg.optimizer.weight_decay = cfg.step.critic.weight_decay
+    critic_cfg.logger.name = "none"
+    critic = build_ds_config(critic_cfg, world_size, optimizer_steps, run_dir)
+    return {
+        "actor": actor,
+        "critic": critic,
+        "reference": _inference_config(cfg, world_size, int(cfg.zero.stage), bool(cfg.step.reference.offload)),
+        "reward": _inference_config(cfg, world_size, int(cfg.step.critic.zero.stage),
+                                    bool(cfg.step.reward_model.offload)),
+    }

@@ -75,6 +75,18 @@ def initialize(model: torch.nn.Module, optimizer: DictConfig, ds_config: dict):
     return engine
 
 
+def initialize_frozen(model: torch.nn.Module, ds_config: dict):
+    """An inference engine for a frozen model (PPO's reference and reward model): no optimizer, eval mode, no
+    gradients; ZeRO-3 (and parameter offload) as its JSON says."""
+    import deepspeed
+
+    for p in model.parameters():
+        p.requires_grad = False
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine
+
+
 def grad_norm(engine) -> float | None:
     """The global gradient norm before clipping, where DeepSpeed does not record it itself: a plain optimizer at
     ZeRO stage 0, whose module holds every (already all-reduced, unscaled) gradient at the accumulation boundary.

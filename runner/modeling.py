@@ -13,7 +13,7 @@ DROPOUT_KEYS = ("dropout", "attention_dropout", "activation_dropout", "hidden_dr
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def load_tokenizer(model: DictConfig):
+def load_tokenizer(model: DictConfig, key: str = "model.tokenizer"):
     from transformers import AutoTokenizer
 
     name = str(model.tokenizer)
@@ -21,12 +21,20 @@ def load_tokenizer(model: DictConfig):
         tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError("model.tokenizer", f"cannot load tokenizer {name!r}: {first}",
+        raise ConfigError(key, f"cannot load tokenizer {name!r}: {first}",
                           "give a hub id that is reachable (or cached) or a local tokenizer directory") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """Identifies a tokenizer by its vocabulary, merges, normalisation and special tokens."""
+    import hashlib
+
+    special = [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id]
+    return hashlib.sha256((tok.backend_tokenizer.to_str() + repr(special)).encode()).hexdigest()[:16]
 
 
 def model_config(model: DictConfig, tokenizer=None):
@@ -95,10 +103,59 @@ def _build(auto_class, model: DictConfig, config, ds_config: dict, dtype: str, g
     return net
 
 
-def load_causal_lm(model: DictConfig, ds_config: dict, dtype: str, gradient_checkpointing: bool = False):
+def apply_lora(net: torch.nn.Module, lora: DictConfig, r: int | None = None) -> torch.nn.Module:
+    """LoRA adapters (peft, injected in place so the model keeps its class) on the linear layers of the transformer
+    blocks; with lora.only_optimize, everything else is frozen except a scalar head (`score`)."""
+    r = int(lora.r if r is None else r)
+    if not r:
+        return net
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = lora.target_modules
+    if targets == "auto":
+        targets = sorted({name.rsplit(".", 1)[-1] for name, m in net.named_modules()
+                          if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in ("lm_head", "score")})
+    else:
+        targets = list(targets)
+    dtype = next(net.parameters()).dtype
+    net = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=float(lora.alpha), lora_dropout=float(lora.dropout),
+                                             target_modules=targets, bias="none"), net)
+    for name, p in net.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.to(dtype)  # one dtype for the whole model (ZeRO flattens parameters together)
+            p.requires_grad = True
+        else:
+            p.requires_grad = not lora.only_optimize or name.split(".")[0] == "score"
+    if getattr(net, "is_gradient_checkpointing", False):
+        net.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    return net
+
+
+def merge_lora(state: dict, lora: DictConfig, r: int) -> dict:
+    """A state dict with LoRA adapters folded into their base weights (W + alpha/r * B A), under the base names."""
+    if not any(".lora_A." in k for k in state):
+        return state
+    scaling = float(lora.alpha) / int(r)
+    merged = {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue
+        if ".base_layer." in key:
+            prefix, name = key.split(".base_layer.")
+            if name == "weight":
+                a, b = state[f"{prefix}.lora_A.default.weight"], state[f"{prefix}.lora_B.default.weight"]
+                value = (value.float() + scaling * (b.float() @ a.float())).to(value.dtype)
+            key = f"{prefix}.{name}"
+        merged[key] = value
+    return merged
+
+
+def load_causal_lm(model: DictConfig, ds_config: dict, dtype: str, gradient_checkpointing: bool = False,
+                   lora: DictConfig | None = None, lora_r: int = 0):
     from transformers import AutoModelForCausalLM
 
-    return _build(AutoModelForCausalLM, model, model_config(model), ds_config, dtype, gradient_checkpointing)
+    net = _build(AutoModelForCausalLM, model, model_config(model), ds_config, dtype, gradient_checkpointing)
+    return apply_lora(net, lora, lora_r) if lora is not None and lora_r else net
 
 
 class ScalarHeadModel(torch.nn.Module):
@@ -124,7 +181,8 @@ def last_token_scores(values: torch.Tensor, attention_mask: torch.Tensor) -> tor
 
 
 def load_scalar_model(model: DictConfig, ds_config: dict, dtype: str, pad_token_id: int,
-                      gradient_checkpointing: bool = False) -> ScalarHeadModel:
+                      gradient_checkpointing: bool = False, lora: DictConfig | None = None,
+                      lora_r: int = 0) -> ScalarHeadModel:
     """A reward model / critic: from a reward export (backbone and head), or from a causal LM (a base model or an
     SFT export: the backbone's weights, a new head)."""
     from transformers import AutoModelForSequenceClassification
@@ -132,5 +190,5 @@ def load_scalar_model(model: DictConfig, ds_config: dict, dtype: str, pad_token_
     config = model_config(model)
     config.num_labels = 1
     config.pad_token_id = pad_token_id
-    return ScalarHeadModel(_build(AutoModelForSequenceClassification, model, config, ds_config, dtype,
-                                  gradient_checkpointing))
+    net = _build(AutoModelForSequenceClassification, model, config, ds_config, dtype, gradient_checkpointing)
+    return ScalarHeadModel(apply_lora(net, lora, lora_r) if lora is not None and lora_r else net)

@@ -5,6 +5,7 @@ Nothing here writes a file or starts a process; the driver (runner.__main__) doe
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from pathlib import Path
@@ -168,19 +169,18 @@ def _resolve_precision(cfg: DictConfig, hw: Hardware, accelerator: str, notes: l
                           "(it refuses it at initialisation)", "use precision=fp32 (fastest on CPU) or precision=bf16")
 
 
-def _validate_zero(cfg: DictConfig) -> None:
-    zero = cfg.zero
+def _validate_zero(zero: DictConfig, key: str = "zero") -> None:
     stage = zero.stage
     if stage not in (0, 1, 2, 3):
-        raise ConfigError("zero.stage", f"ZeRO stage must be 0, 1, 2 or 3, got {stage!r}")
+        raise ConfigError(f"{key}.stage", f"ZeRO stage must be 0, 1, 2 or 3, got {stage!r}")
     param = OmegaConf.select(zero, "offload_param.device", default="none")
     optim = OmegaConf.select(zero, "offload_optimizer.device", default="none")
     if param not in ("none", None) and stage != 3:
-        raise ConfigError("zero.offload_param", f"parameter offload needs ZeRO stage 3, but zero.stage={stage}",
-                          "use zero=stage3_offload, or remove the offload_param block")
+        raise ConfigError(f"{key}.offload_param", f"parameter offload needs ZeRO stage 3, but {key}.stage={stage}",
+                          "use the stage3_offload option, or remove the offload_param block")
     if optim not in ("none", None) and stage == 0:
-        raise ConfigError("zero.offload_optimizer", "optimizer offload needs ZeRO stage 1, 2 or 3, but zero.stage=0",
-                          "use zero=stage2_offload or zero=stage3_offload")
+        raise ConfigError(f"{key}.offload_optimizer", f"optimizer offload needs ZeRO stage 1, 2 or 3, but "
+                          f"{key}.stage=0", "use the stage2_offload or stage3_offload option")
 
 
 def _resolve_optimizer(cfg: DictConfig, accelerator: str, notes: list[str]) -> None:
@@ -246,12 +246,146 @@ def _validate_model(cfg: DictConfig) -> None:
     path = str(model.path)
     if is_local_path(path):
         local = Path(os.path.expanduser(path))
+        if cfg.step.get("pending_exports") and not local.exists():
+            return  # an earlier stage of this pipeline writes it
         if not local.is_dir():
             raise ConfigError("model.path", f"{path!r} is not a directory (nor a hub id like facebook/opt-1.3b)",
                               "point model.path at a Hugging Face model directory")
         if not (local / "config.json").is_file():
             raise ConfigError("model.path", f"{path!r} is not a Hugging Face model directory: it has no config.json",
                               "point model.path at a directory written by save_pretrained()")
+
+
+def export_kind(path: Path) -> str | None:
+    """What a model directory holds: runner_export.json's `kind` (causal_lm, reward_model, critic), else read from
+    config.json's architectures (causal_lm / reward_model), else None."""
+    info = path / "runner_export.json"
+    if info.is_file():
+        return json.loads(info.read_text()).get("kind")
+    config = json.loads((path / "config.json").read_text())
+    archs = config.get("architectures") or []
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return "causal_lm"
+    if any(a.endswith("ForSequenceClassification") for a in archs) and config.get("num_labels", 1) == 1:
+        return "reward_model"
+    return None
+
+
+PPO_SOURCES = {  # key -> (what it must hold, the kinds accepted, where such a directory comes from)
+    "actor_from": ("a causal LM (an SFT export)", ("causal_lm",), "outputs/sft/<run>/export"),
+    "critic_from": ("a reward model (a reward export)", ("reward_model", "critic"), "outputs/reward/<run>/export"),
+    "reward_from": ("a reward model (a reward export)", ("reward_model",), "outputs/reward/<run>/export"),
+}
+
+
+def _check_source(key: str, value: str, pending: bool) -> str:
+    """A PPO model source: a hub id (not checked offline) or a local model directory of the right kind."""
+    what, kinds, example = PPO_SOURCES[key]
+    if not is_local_path(value):
+        return value
+    local = Path(os.path.expanduser(value))
+    if pending and not local.exists():  # an earlier stage of this pipeline writes it
+        return str(local.resolve())
+    if not (local / "config.json").is_file():
+        raise ConfigError(f"step.{key}", f"{value!r} is not a model directory (no config.json); it must hold {what}",
+                          f"point it at {example}")
+    kind = export_kind(local)
+    if kind not in kinds:
+        raise ConfigError(f"step.{key}", f"{value!r} holds {'a ' + kind if kind else 'an unknown kind of model'}, "
+                          f"but it must hold {what}", f"point it at {example}")
+    return str(local.resolve())
+
+
+def _positive_int(cfg: DictConfig, key: str) -> int:
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(key, f"must be a positive integer, got {value!r}")
+    return value
+
+
+def _validate_ppo(cfg: DictConfig, notes: list[str]) -> None:
+    step = cfg.step
+    pending = bool(step.get("pending_exports"))
+    step.actor_from = _check_source("actor_from", str(step.actor_from), pending)
+    step.critic_from = _check_source("critic_from", str(step.critic_from), pending)
+    if step.reward_from is None:
+        step.reward_from = step.critic_from
+    else:
+        step.reward_from = _check_source("reward_from", str(step.reward_from), pending)
+    cfg.model.path = step.actor_from
+    cfg.model.tokenizer = step.actor_from
+    if step.critic.get("zero") is None:
+        OmegaConf.update(cfg, "step.critic.zero", OmegaConf.to_container(cfg.zero), force_add=True)
+        notes.append(f"the critic uses the actor's ZeRO stage {cfg.zero.stage} (zero@step.critic.zero=... sets its own)")
+    _validate_zero(cfg.step.critic.zero, "step.critic.zero")
+    if step.critic.lora_r is None:
+        step.critic.lora_r = cfg.lora.r
+    if cfg.optimizer.impl == "torch" and OmegaConf.select(step.critic.zero, "offload_optimizer.device",
+                                                          default="none") not in ("none", None):
+        raise ConfigError("optimizer.impl", "the critic's ZeRO-Offload needs DeepSpeed's CPU Adam",
+                          "use optimizer.impl=deepspeed")
+
+    gen_bs = _positive_int(cfg, "step.generation_batch_size")
+    batches = _positive_int(cfg, "step.generation_batches")
+    _positive_int(cfg, "step.ppo_epochs")
+    _positive_int(cfg, "step.max_prompt_len")
+    _positive_int(cfg, "step.generation.max_new_tokens")
+    micro, gas = int(cfg.train.micro_batch_size), int(cfg.train.gradient_accumulation_steps)
+    experience = gen_bs * batches
+    if experience % micro:
+        raise ConfigError("train.micro_batch_size", f"the experience of one step ({experience} answers per rank = "
+                          f"step.generation_batch_size {gen_bs} x step.generation_batches {batches}) does not split "
+                          f"into training chunks of train.micro_batch_size={micro}",
+                          f"use a train.micro_batch_size that divides {experience}")
+    chunks = experience // micro * int(step.ppo_epochs)
+    if chunks % gas:
+        raise ConfigError("train.gradient_accumulation_steps", f"one PPO step has {chunks} training chunks "
+                          f"(experience {experience} / micro_batch_size {micro} x ppo_epochs {step.ppo_epochs}), "
+                          f"not a multiple of gradient_accumulation_steps={gas}: an optimizer step would straddle two "
+                          "PPO steps", f"use a gradient_accumulation_steps that divides {chunks}")
+    if step.kl.type not in ("fixed", "adaptive"):
+        raise ConfigError("step.kl.type", f"unknown KL controller {step.kl.type!r}", "use fixed or adaptive")
+    for key, low, high in (("step.gamma", 0, 1), ("step.lam", 0, 1), ("step.ema.beta", 0, 1)):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ConfigError(key, f"must be a number in [{low}, {high}], got {value!r}")
+    for key in ("step.kl.coef", "step.clip_reward_value", "step.cliprange", "step.cliprange_value",
+                "step.value_loss_coef", "step.entropy_coef", "step.unsupervised.coef", "step.critic.lr"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(key, f"must be a non-negative number, got {value!r}")
+    if step.kl.type == "adaptive" and not step.kl.target > 0:
+        raise ConfigError("step.kl.target", f"must be positive for the adaptive controller, got {step.kl.target}")
+    total_len = int(step.max_prompt_len) + int(step.generation.max_new_tokens)
+    max_pos = None
+    if is_local_path(str(step.actor_from)) and (Path(step.actor_from) / "config.json").is_file():
+        max_pos = json.loads((Path(step.actor_from) / "config.json").read_text()).get("max_position_embeddings")
+    max_pos = max_pos or OmegaConf.select(cfg, "model.arch.max_position_embeddings")
+    if max_pos and total_len > max_pos:
+        raise ConfigError("step.max_prompt_len", f"prompt ({step.max_prompt_len}) + answer "
+                          f"(step.generation.max_new_tokens={step.generation.max_new_tokens}) = {total_len} tokens, "
+                          f"more than the actor's {max_pos} positions",
+                          f"make step.max_prompt_len + step.generation.max_new_tokens at most {max_pos}")
+
+
+def check_tokenizers(cfg: DictConfig) -> None:
+    """The actor's, critic's and reward model's tokenizers must be the same, or the reward model would score other
+    tokens than the actor wrote."""
+    from runner import modeling
+
+    step = cfg.step
+    local = [k for k in ("actor_from", "critic_from", "reward_from") if is_local_path(str(step[k]))
+             and (Path(str(step[k])) / "tokenizer_config.json").is_file()]
+    prints = {}
+    for key in local:
+        tok = modeling.load_tokenizer(OmegaConf.create({"tokenizer": str(step[key])}), key=f"step.{key}")
+        prints[key] = modeling.tokenizer_fingerprint(tok)
+    for key in local[1:]:
+        if prints[key] != prints[local[0]]:
+            raise ConfigError(f"step.{key}", f"its tokenizer ({step[key]}) differs from the one of step.{local[0]} "
+                              f"({step[local[0]]}): the reward model would read other tokens than the actor writes",
+                              "train the reward model with the actor's tokenizer (the same model.tokenizer in every "
+                              "stage)")
 
 
 def _validate_data(cfg: DictConfig) -> None:
@@ -317,11 +451,16 @@ def make_plan(cfg: DictConfig, hw: Hardware | None = None) -> Plan:
     dry_run = bool(cfg.dry_run)
     world, nodes = _resolve_deployment(cfg, hw, dry_run, notes)
     _resolve_precision(cfg, hw, cfg.deployment.accelerator, notes)
-    _validate_zero(cfg)
+    _validate_zero(cfg.zero)
     _resolve_optimizer(cfg, cfg.deployment.accelerator, notes)
     _resolve_batch(cfg, world)
+    if cfg.step.name == "ppo":
+        _validate_ppo(cfg, notes)
     _validate_model(cfg)
     _validate_data(cfg)
+    lora = cfg.lora
+    if not isinstance(lora.r, int) or lora.r < 0:
+        raise ConfigError("lora.r", f"must be a non-negative integer (0 = off), got {lora.r!r}")
     if cfg.logger.name == "wandb" and cfg.logger.mode not in ("auto", "online", "offline"):
         raise ConfigError("logger.mode", f"unknown wandb mode {cfg.logger.mode!r}", "use auto, online or offline")
     return Plan(cfg=cfg, world_size=world, nodes=nodes, notes=notes)

@@ -26,7 +26,7 @@ def run(cfg: DictConfig, ds_config: dict, run_dir: Path, dist: Dist) -> None:
     collate = data.PairCollator(tokenizer.pad_token_id)
 
     model = modeling.load_scalar_model(cfg.model, ds_config, cfg.precision.dtype, tokenizer.pad_token_id,
-                                       cfg.train.gradient_checkpointing)
+                                       cfg.train.gradient_checkpointing, cfg.lora, cfg.lora.r)
     engine = eng.initialize(model, cfg.optimizer, ds_config)
     margin = float(cfg.step.margin)
 
@@ -57,7 +57,8 @@ def run(cfg: DictConfig, ds_config: dict, run_dir: Path, dist: Dist) -> None:
         return checkpoint.export_hf(engine, tokenizer, out_dir, dist, {
             "kind": "reward_model", "stage": "reward", "run_dir": str(run_dir),
             "load": "transformers.AutoModelForSequenceClassification.from_pretrained(this directory)",
-            "score": "the model's value (logits[..., 0] of the score head) at the last non-padding token"})
+            "score": "the model's value (logits[..., 0] of the score head) at the last non-padding token"},
+            cfg.lora, cfg.lora.r)
 
     stage = loop.Stage(name="reward", loss=loss, evaluate=evaluate, export=export, objective="accuracy",
                        best="accuracy", best_mode="max")

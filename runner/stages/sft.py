@@ -23,7 +23,8 @@ def run(cfg: DictConfig, ds_config: dict, run_dir: Path, dist: Dist) -> None:
     eval_set = data.load_prepared(cfg.runtime.data.paths.eval)
     collate = data.CausalLMCollator(tokenizer.pad_token_id, train_on_prompt=bool(cfg.step.train_on_prompt))
 
-    model = modeling.load_causal_lm(cfg.model, ds_config, cfg.precision.dtype, cfg.train.gradient_checkpointing)
+    model = modeling.load_causal_lm(cfg.model, ds_config, cfg.precision.dtype, cfg.train.gradient_checkpointing,
+                                     cfg.lora, cfg.lora.r)
     engine = eng.initialize(model, cfg.optimizer, ds_config)
 
     def loss(batch: dict):
@@ -44,7 +45,8 @@ def run(cfg: DictConfig, ds_config: dict, run_dir: Path, dist: Dist) -> None:
 
     def export(out_dir: Path) -> Path:
         return checkpoint.export_hf(engine, tokenizer, out_dir, dist, {"kind": "causal_lm", "stage": "sft",
-                                                                       "run_dir": str(run_dir)})
+                                                                       "run_dir": str(run_dir)},
+                                   cfg.lora, cfg.lora.r)
 
     stage = loop.Stage(name="sft", loss=loss, evaluate=evaluate, export=export, objective="loss")
     loop.run(stage, engine, cfg, run_dir, dist, train_set, collate)
