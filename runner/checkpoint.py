@@ -41,23 +41,22 @@ def resume(engine, run_dir: Path, dist: Dist, others: dict | None = None, rank_f
     """Load the latest checkpoint into the engine (and `others` from the same tag); return the loop state saved with
     it, with the per-rank objects named in `rank_files` under their names."""
     ckpt_dir = run_dir / "checkpoints"
-    path, client = engine.load_checkpoint(str(ckpt_dir))
+    tag = (ckpt_dir / "latest").read_text().strip()
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
-        raise RuntimeError(f"no loadable checkpoint under {ckpt_dir}")
-    tag = Path(path).name
+        raise RuntimeError(f"no loadable checkpoint {tag} under {ckpt_dir}")
     for name, other in (others or {}).items():
         loaded, _ = other.load_checkpoint(str(ckpt_dir / name), tag=tag)
         if loaded is None:
             raise RuntimeError(f"no {name} checkpoint {tag} under {ckpt_dir / name}")
-    rng_file = Path(path) / f"rng_rank{dist.rank}.pt"
-    if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+    tag_dir = ckpt_dir / tag
+    rng = torch.load(tag_dir / f"rng_rank{dist.rank}.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     state = dict(client["loop"])
     for name in rank_files:
-        state[name] = torch.load(Path(path) / f"{name}_rank{dist.rank}.pt", weights_only=False)
+        state[name] = torch.load(tag_dir / f"{name}_rank{dist.rank}.pt", weights_only=False)
     return state
 
 

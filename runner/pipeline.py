@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from runner import driver, plan as planning
 from runner.errors import ConfigError
@@ -61,9 +61,10 @@ def _compose(overrides: list[str]) -> DictConfig:
     except Exception as exc:  # a bad override of one stage's list
         raise ConfigError("step", f"the stage overrides {overrides} do not compose: {str(exc).splitlines()[0]}",
                           "fix the stage's list (step.sft / step.reward / step.ppo)") from None
-    for key in PIPELINE_KEYS:  # a pipeline recipe's own keys, merged into every stage's `step`
-        if key in stage_cfg.step:
-            stage_cfg.step.pop(key)
+    with open_dict(stage_cfg):
+        for key in PIPELINE_KEYS:  # a pipeline recipe's own keys, merged into every stage's `step`
+            if key in stage_cfg.step:
+                stage_cfg.step.pop(key)
     return stage_cfg
 
 
@@ -80,7 +81,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> float | None:
 
     # Plan every stage before running any: a later stage's exports do not exist yet (pending_exports).
     for name in stages:
-        stage_cfg = _compose(per_stage[name] + (["+step.pending_exports=true"] if name == "ppo" else []))
+        stage_cfg = _compose(per_stage[name] + (["+step.pending_exports=true"] if name != stages[0] else []))
         if not cfg.dry_run:
             planning.make_plan(stage_cfg)
 
@@ -106,7 +107,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> float | None:
         elif not cfg.dry_run:
             for stale in ("metrics.jsonl", "summary.json", "status.json", "launch.log", "samples.jsonl"):
                 (stage_dir / stale).unlink(missing_ok=True)
-        if cfg.dry_run and name == "ppo":
+        if cfg.dry_run and name != stages[0]:
             stage_list.append("+step.pending_exports=true")
         try:
             driver._run(_compose(stage_list), overrides=stage_list)

@@ -232,6 +232,9 @@ def _validate_model(cfg: DictConfig) -> None:
     init = cfg.step.get("init_from")
     if init:  # start from another run's export (e.g. the reward model from an SFT export)
         local = Path(os.path.expanduser(str(init)))
+        if cfg.step.get("pending_exports") and not local.exists():  # an earlier stage of this pipeline writes it
+            model.path = str(local.resolve())
+            return
         if not (local / "config.json").is_file():
             raise ConfigError("step.init_from", f"{init!r} is not a Hugging Face model directory (no config.json)",
                               "point it at a run's export directory, e.g. outputs/sft/<run>/export")
