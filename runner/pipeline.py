@@ -86,8 +86,9 @@ def run(cfg: DictConfig, overrides: list[str]) -> float | None:
             planning.make_plan(stage_cfg)
 
     if not cfg.dry_run:
+        if driver._hydra_dir is not None and driver._hydra_dir.resolve() != pipeline_dir:
+            driver.discard_empty_run_dir()  # Hydra's job dir, when resume= points at the pipeline elsewhere
         pipeline_dir.mkdir(parents=True, exist_ok=True)
-        driver.discard_empty_run_dir()  # Hydra's job dir, when resume= points at the pipeline elsewhere
         (pipeline_dir / "overrides.yaml").write_text(yaml.safe_dump(driver.redact(overrides)))
         (pipeline_dir / "pipeline.yaml").write_text(yaml.safe_dump(
             {"stages": stages, "overrides": {n: driver.redact(o) for n, o in per_stage.items()}}, sort_keys=False))

@@ -81,3 +81,13 @@ def sft_runs(tmp_path_factory):
         return done[zero, ranks]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def reward_run(sft_run, tmp_path_factory):
+    """A short reward run (60 steps) started from the default SFT run's export: PPO's critic and reward model."""
+    from tests.e2e import run_cli, run_dir_of
+
+    return run_dir_of(run_cli(tmp_path_factory.mktemp("reward_for_ppo"), "step=reward",
+                              f"step.init_from={sft_run / 'export'}", "train.max_steps=60", "train.log_every=20",
+                              "train.eval_every=60", "train.eval_max_batches=2"))

@@ -132,7 +132,7 @@ def run(cfg: DictConfig, ds_config: dict, run_dir: Path, dist: Dist) -> None:
 
     # ------------------------------------------------------------------------------------------ state and resume
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "kl_coef": kl.value,
-             "moments": moments.state(), "eval_initial": None}
+             "moments": moments.state(), "eval_initial": None, "lm_batches": 0}
     if cfg.resume:
         state = {**state, **checkpoint.resume(actor, run_dir, dist, others={"critic": critic},
                                               rank_files=("ema",) if ema else ())}
@@ -143,17 +143,21 @@ def run(cfg: DictConfig, ds_config: dict, run_dir: Path, dist: Dist) -> None:
     metrics = Metrics(run_dir, actor, dist, cfg, total_steps, state["step"])
     if dist.main and hybrid:
         metrics.bar.write(hybrid)
-    torch.manual_seed(int(cfg.seed) * 1000 + dist.rank * 7919 + state["step"])  # sampling differs across ranks
+    if not cfg.resume:  # (a resumed run continues the random stream its checkpoint saved)
+        torch.manual_seed(int(cfg.seed) * 1000 + dist.rank * 7919)  # sampling differs across ranks
 
     def epoch_batches(epoch: int) -> list[list[int]]:
         return data.train_batches(len(prompts), gen_bs, dist.world, dist.rank, int(cfg.seed), epoch)
 
     def unsupervised_batches():
-        epoch = 0
+        """Pretraining-loss batches, endlessly; a resumed run skips the ones already used."""
+        epoch, seen = 0, 0
         while True:
             for idx in data.train_batches(len(unsupervised), micro, dist.world, dist.rank, int(cfg.seed) + 1, epoch):
-                ids = torch.tensor([unsupervised[j]["input_ids"] for j in idx], device=dist.device)
-                yield ids
+                seen += 1
+                if seen > state["lm_batches"]:
+                    state["lm_batches"] = seen
+                    yield torch.tensor([unsupervised[j]["input_ids"] for j in idx], device=dist.device)
             epoch += 1
 
     lm_batches = unsupervised_batches() if unsupervised is not None else None
