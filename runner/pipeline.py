@@ -61,8 +61,13 @@ def _compose(overrides: list[str]) -> DictConfig:
     except Exception as exc:  # a bad override of one stage's list
         raise ConfigError("step", f"the stage overrides {overrides} do not compose: {str(exc).splitlines()[0]}",
                           "fix the stage's list (step.sft / step.reward / step.ppo)") from None
+    return strip_pipeline_keys(stage_cfg)
+
+
+def strip_pipeline_keys(stage_cfg: DictConfig) -> DictConfig:
+    """A pipeline recipe's own keys (step.stages, step.sft, ...) are merged into every stage's `step`: drop them."""
     with open_dict(stage_cfg):
-        for key in PIPELINE_KEYS:  # a pipeline recipe's own keys, merged into every stage's `step`
+        for key in PIPELINE_KEYS:
             if key in stage_cfg.step:
                 stage_cfg.step.pop(key)
     return stage_cfg

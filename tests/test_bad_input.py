@@ -170,3 +170,68 @@ def test_data_file_without_the_prompt_column(tmp_path):
     path = write_jsonl(tmp_path / "qa.jsonl", rows)
     result = run_cli(tmp_path, "data=local", f"data.sets.local.path={path}", "data.max_seq_len=64")
     assert_rejected(result, tmp_path, "data.sets.local", "'prompt'")
+
+
+# ------------------------------------------------------------------------------------------------- PPO inputs
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Stand-ins for an SFT export, a reward export, and a reward export whose tokenizer differs (one token more)."""
+    from tests.test_config import TINY_TOKENIZER, fake_exports
+
+    actor, reward = fake_exports()
+    other = tmp_path_factory.mktemp("other_tokenizer") / "reward"
+    import shutil
+
+    shutil.copytree(reward, other)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(other)
+    return {"actor": actor, "reward": reward, "other": other}
+
+
+PPO_BASE = ["step=ppo", "step.max_prompt_len=64", "step.generation.max_new_tokens=64"]
+
+
+def test_ppo_rejects_an_sft_export_given_as_critic(tmp_path, exports):
+    result = run_cli(tmp_path, *PPO_BASE, f"step.actor_from={exports['actor']}", f"step.critic_from={exports['actor']}")
+    assert_rejected(result, tmp_path, "step.critic_from", "causal_lm", "reward model")
+
+
+def test_ppo_rejects_a_missing_export(tmp_path, exports):
+    result = run_cli(tmp_path, *PPO_BASE, f"step.actor_from={tmp_path / 'nowhere'}",
+                     f"step.critic_from={exports['reward']}")
+    assert_rejected(result, tmp_path, "step.actor_from", "no config.json")
+
+
+def test_ppo_rejects_mismatched_tokenizers(tmp_path, exports):
+    result = run_cli(tmp_path, *PPO_BASE, f"step.actor_from={exports['actor']}",
+                     f"step.critic_from={exports['other']}")
+    assert_rejected(result, tmp_path, "step.critic_from", "tokenizer")
+
+
+def test_ppo_rejects_prompts_longer_than_the_prompt_length(tmp_path, exports):
+    result = run_cli(tmp_path, *PPO_BASE[:1], "step.max_prompt_len=8", "step.generation.max_new_tokens=64",
+                     f"step.actor_from={exports['actor']}", f"step.critic_from={exports['reward']}")
+    assert_rejected(result, tmp_path, "step.max_prompt_len", "longer than", "data.overlong=drop")
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["step.generation_batch_size=6", "train.micro_batch_size=4"], "train.micro_batch_size"),
+    (["step.generation_batch_size=8", "train.micro_batch_size=4", "train.gradient_accumulation_steps=3"],
+     "train.gradient_accumulation_steps"),
+    (["step.max_prompt_len=200"], "step.max_prompt_len"),          # 200 + 64 > the tiny model's 256 positions
+    (["step.kl.type=sometimes"], "step.kl.type"),
+])
+def test_ppo_rejects_impossible_settings(tmp_path, exports, overrides, key):
+    result = run_cli(tmp_path, *PPO_BASE, f"step.actor_from={exports['actor']}", f"step.critic_from={exports['reward']}",
+                     *overrides)
+    assert_rejected(result, tmp_path, key)
+
+
+def test_pipeline_rejects_a_stage_key_outside_a_stage_list(tmp_path):
+    result = run_cli(tmp_path, "step=rlhf", "step.kl.coef=0.05")  # Hydra's own check: no such key in the pipeline
+    assert_rejected(result, tmp_path, "step.kl.coef")
+    result = run_cli(tmp_path, "step=rlhf", "+step.kl.coef=0.05")  # added anyway: it would reach no stage
+    assert_rejected(result, tmp_path, "step.kl.coef", "step.ppo=")

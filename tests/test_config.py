@@ -21,7 +21,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from runner import launch, memory, modeling
-from runner.ds_config import build_ds_config
+from runner.ds_config import build_ds_config, build_ppo_ds_configs
 from runner.errors import ConfigError
 from runner.plan import Hardware, is_local_path, make_plan
 
@@ -42,7 +42,9 @@ def options(group: str) -> list[str]:
 
 
 GROUPS = ["step", "model", "data", "zero", "precision", "optimizer", "scheduler", "logger", "deployment"]
-RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
+ALL_RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
+PIPELINE_RECIPES = [r for r in ALL_RECIPES if r.startswith("rlhf_")]   # step=rlhf: three stages each
+RECIPES = [r for r in ALL_RECIPES if r not in PIPELINE_RECIPES]
 PRESETS = options("model")
 SIZED_PRESETS = [m for m in PRESETS if OmegaConf.load(CONF / "model" / f"{m}.yaml").get("num_params")]
 EXPECTED_WORLD = {"cpu": 1, "single_gpu": 1, "single_node": 8, "auto": 8, "torchrun": 1, "multi_node": 16, "slurm": 16}
@@ -122,7 +124,7 @@ def assert_option_selected(cfg: DictConfig, group: str, option: str, ignore=()) 
     if group == "step":  # step files are global: the stage's keys under `step`, its training defaults under `train`
         if "train" not in ignore:  # (a recipe's own train keys win over the step's)
             assert {k: cfg.train[k] for k in expected.get("train", {})} == expected.get("train", {})
-        expected = expected["step"]
+        expected = {k: v for k, v in expected["step"].items() if k not in ignore}
     assert expected, f"conf/{group}/{option}.yaml sets no value to check"
     assert {k: composed.get(k) for k in expected} == expected
 
@@ -135,14 +137,34 @@ def test_every_group_and_recipe_is_discovered():
     for group in GROUPS:
         chosen = defaults[group] if group != "data" else defaults[group][0]  # data: a list of sets
         assert chosen in options(group), group
-    assert RECIPES and sorted(p.stem for p in (CONF / "recipe").glob("*.yaml")) == RECIPES
+    assert RECIPES and sorted(p.stem for p in (CONF / "recipe").glob("*.yaml")) == ALL_RECIPES
     assert "tiny" in PRESETS and set(PRESETS) - set(SIZED_PRESETS) == {"tiny"}
     assert {"stage0", "stage3"} <= set(options("zero")) and {"fp16", "bf16", "fp32"} <= set(options("precision"))
 
 
+def fake_exports() -> tuple[Path, Path]:
+    """An SFT-like and a reward-like export of the tiny model (config, tokenizer, runner_export.json; no weights:
+    planning reads only these), for planning PPO."""
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.gettempdir()) / f"runner-fake-exports-{os.getpid()}"
+    for kind, arch in (("causal_lm", "OPTForCausalLM"), ("reward_model", "OPTForSequenceClassification")):
+        out = root / kind
+        if not out.exists():
+            shutil.copytree(TINY_TOKENIZER, out)
+            arch_cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "tiny.yaml").arch)
+            (out / "config.json").write_text(json.dumps({**arch_cfg, "architectures": [arch], "num_labels": 1}))
+            (out / "runner_export.json").write_text(json.dumps({"kind": kind}))
+    return root / "causal_lm", root / "reward_model"
+
+
 # What an option needs beside itself to make a valid run: a data file, a hostfile, a model with 512 positions.
 OPTION_NEEDS = {("data", "local"): lambda hf: [f"data.sets.local.path={TINY_TRAIN}"],
-                ("deployment", "multi_node"): lambda hf: [f"deployment.hostfile={hf()}"]}
+                ("deployment", "multi_node"): lambda hf: [f"deployment.hostfile={hf()}"],
+                ("step", "ppo"): lambda hf: [f"step.actor_from={fake_exports()[0]}",
+                                             f"step.critic_from={fake_exports()[1]}",
+                                             "step.max_prompt_len=128", "step.generation.max_new_tokens=128"]}
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
@@ -152,7 +174,8 @@ def test_every_option_composes_and_plans(compose, hostfile, monkeypatch, group, 
             monkeypatch.setenv(k, v)
     needs = OPTION_NEEDS.get((group, option), lambda hf: [])(hostfile)
     cfg = compose([f"{group}={option}", *needs])
-    assert_option_selected(cfg, group, option, ignore=[n.split("=")[0].split(".")[-1] for n in needs])
+    keys = [n.split("=")[0].split(".") for n in needs]  # (a need's key: both its leaf and its top key under the group)
+    assert_option_selected(cfg, group, option, ignore=[k[-1] for k in keys] + [k[1] for k in keys])
     plan = make_plan(cfg, DEPLOYMENT_HW.get(option, GPU) if group == "deployment" else hw_for(cfg))
     for resolved in ("deployment", "precision", "optimizer"):  # every `auto` of these is resolved by the plan
         assert "auto" not in OmegaConf.to_container(plan.cfg[resolved]).values(), resolved
@@ -185,6 +208,28 @@ def test_every_recipe_composes_and_plans(compose, recipe):
     ds = build_ds_config(plan.cfg, plan.world_size, total_steps=TOTAL_STEPS, run_dir=RUN)
     ds_parse(ds, plan.world_size)
     assert ds["train_micro_batch_size_per_gpu"] == raw["train"]["micro_batch_size"]
+
+
+@pytest.mark.parametrize("recipe", PIPELINE_RECIPES)
+def test_every_pipeline_recipe_plans_all_three_stages(compose, hostfile, recipe, tmp_path):
+    """Each stage of a pipeline recipe composes as the pipeline composes it and plans (PPO with its exports still
+    to come); the stages' own lists reach them."""
+    from runner.pipeline import stage_overrides, strip_pipeline_keys
+
+    base = [f"recipe={recipe}"] + ([f"deployment.hostfile={hostfile()}"] if "multi_node" in recipe else [])
+    cfg = compose(base)
+    assert cfg.step.name == "rlhf" and list(cfg.step.stages) == ["sft", "reward", "ppo"]
+    stages = {name: strip_pipeline_keys(compose(stage_overrides(cfg, base, tmp_path, name) + (
+        ["+step.pending_exports=true"] if name != "sft" else []))) for name in cfg.step.stages}
+    for name, stage_cfg in stages.items():
+        assert stage_cfg.step.name == name and "stages" not in stage_cfg.step
+        plan = make_plan(stage_cfg, hw_for(stage_cfg))
+        assert plan.cfg.run_dir == str(tmp_path / name)
+        if name == "ppo":
+            configs = build_ppo_ds_configs(plan.cfg, plan.world_size, 10, RUN)
+            for ds in configs.values():
+                ds_parse(ds, plan.world_size)
+            assert plan.cfg.step.actor_from == str(tmp_path / "sft" / "export")
 
 
 def test_recipe_values(compose):
