@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from runner import checkpoint, data, engine as eng, modeling, rl
+from runner import checkpoint, data, engine as eng, loop, modeling, rl
 from runner.engine import Dist
 from runner.metrics import Metrics
 
@@ -313,7 +313,7 @@ def run(cfg: DictConfig, ds_config: dict, run_dir: Path, dist: Dist) -> None:
             exports["ema_export_dir"] = checkpoint.export_hf(actor, tokenizer, run_dir / "export_ema", dist, {
                 "kind": "causal_lm", "ema_beta": float(step_cfg.ema.beta), **info}, cfg.lora, cfg.lora.r,
                 state=ema.full_state(checkpoint.full_state_dict(actor)))
-    train_rewards = _read(run_dir, "train/reward_mean") if dist.main else []
+    train_rewards = loop._read(run_dir, "train/reward_mean") if dist.main else []
     initial, final = state["eval_initial"], last_eval
     summary = {"stage": "ppo", "steps": step, "world_size": dist.world, "wall_time_s": time.time() - started,
                "eval_reward_initial": initial["reward_mean"], "eval_reward_final": final["reward_mean"],
@@ -326,8 +326,8 @@ def run(cfg: DictConfig, ds_config: dict, run_dir: Path, dist: Dist) -> None:
                "objective": final["reward_mean"], "objective_name": "reward_mean",
                "peak_memory_mb": eng.gather_objects(round(eng.peak_memory_mb(dist.device), 1), dist.world),
                "data": OmegaConf.to_container(rt.data.stats) if rt.data else None,
-               "zero_partitioned_numel": {"actor": _partition_numel(actor, dist),
-                                          "critic": _partition_numel(critic, dist)},
+               "zero_partitioned_numel": {"actor": loop._local_partition_numel(actor, dist),
+                                          "critic": loop._local_partition_numel(critic, dist)},
                **{k: str(v) for k, v in exports.items()}}
     metrics.close(summary)
 
@@ -402,18 +402,6 @@ def _log_samples(path: Path, metrics: Metrics, step: int, tokenizer, rows, answe
             answer = tokenizer.decode(a, skip_special_tokens=True)
             fh.write(json.dumps({"step": step, "prompt": prompt, "answer": answer, "reward": s}) + "\n")
             metrics.bar.write(f"step {step} sample (reward {s:+.3f}): {prompt.strip()!r} -> {answer.strip()!r}")
-
-
-def _read(run_dir: Path, key: str) -> list[float]:
-    path = run_dir / "metrics.jsonl"
-    return [r[key] for r in map(json.loads, path.read_text().splitlines()) if key in r]
-
-
-def _partition_numel(engine, dist: Dist) -> list[int] | None:
-    if not engine.zero_optimization_partition_weights():
-        return None
-    return eng.gather_objects(int(sum(p.ds_tensor.numel() for p in engine.module.parameters()
-                                      if hasattr(p, "ds_tensor"))), dist.world)
 
 
 class EMA:
