@@ -5,9 +5,10 @@
 
 Both loops run through the same `deepspeed` launcher with the same ds_config.json, model architecture, tokenised
 data, micro-batch size and thread count; the first logging interval of each is dropped as warm-up and the median
-interval throughput over all rounds is compared, alternating which loop runs first in each round. Targets: ratio >= 0.95, padding
-share < 10% on the tiny data set.
+interval throughput over all rounds is compared, alternating which loop runs first in each round. Targets: ratio
+>= 0.95, padding share < 10% on the tiny data set.
 """
+
 import argparse
 import json
 import os
@@ -26,8 +27,18 @@ def after_warmup(values):
 
 
 def run_runner(cwd, zero, steps, log_every):
-    cmd = [sys.executable, "-m", "runner", f"zero={zero}", f"train.max_steps={steps}", f"train.log_every={log_every}",
-           "train.eval_every=0", "train.eval_max_batches=1", "train.save_every=0", "train.export=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "runner",
+        f"zero={zero}",
+        f"train.max_steps={steps}",
+        f"train.log_every={log_every}",
+        "train.eval_every=0",
+        "train.eval_max_batches=1",
+        "train.save_every=0",
+        "train.export=false",
+    ]
     out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=True).stdout
     run_dir = Path(re.search(r"^run directory: (.+)$", out, re.MULTILINE).group(1))
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -39,8 +50,16 @@ def run_runner(cwd, zero, steps, log_every):
 
 def run_hand(cwd, run_dir, steps, log_every):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
-    cmd = ["deepspeed", "--num_gpus", "1", "--no_local_rank", str(REPO / "bench" / "hand_sft_loop.py"), str(run_dir),
-           str(steps), str(log_every)]
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        "1",
+        "--no_local_rank",
+        str(REPO / "bench" / "hand_sft_loop.py"),
+        str(run_dir),
+        str(steps),
+        str(log_every),
+    ]
     out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=True, env=env).stdout
     rows = [json.loads(x) for x in out.splitlines() if x.startswith('{"step"')]
     return after_warmup([r["tokens_per_s"] for r in rows[:-1]])
@@ -65,8 +84,11 @@ def main():
                 padding.append(pad)
             else:
                 hand_tps += run_hand(cwd, run_dir, args.steps, args.log_every)
-        print(f"round {i + 1}: runner {statistics.median(runner_tps):.0f} tokens/s, hand-written loop "
-              f"{statistics.median(hand_tps):.0f} tokens/s (medians so far)", flush=True)
+        print(
+            f"round {i + 1}: runner {statistics.median(runner_tps):.0f} tokens/s, hand-written loop "
+            f"{statistics.median(hand_tps):.0f} tokens/s (medians so far)",
+            flush=True,
+        )
     ratio = statistics.median(runner_tps) / statistics.median(hand_tps)
     print(f"\nzero={args.zero} steps={args.steps} rounds={args.rounds} intervals={len(runner_tps)}+{len(hand_tps)}")
     print("| metric | value | target |\n|---|---|---|")

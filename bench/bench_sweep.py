@@ -5,6 +5,7 @@
 Target: at most 2 seconds of overhead per point. The points run alone first, then the sweep; the overhead per point
 is (sweep wall time - sum of the points' wall times) / points.
 """
+
 import argparse
 import itertools
 import subprocess
@@ -31,8 +32,9 @@ def main():
     runner = [sys.executable, "-m", "runner"]
     timed(runner + COMMON + ["train.max_steps=1"], cwd)  # warm the data cache and the JIT-built ops
     alone = [timed(runner + COMMON + [f"zero={z}", f"train.micro_batch_size={m}"], cwd) for z, m in points]
-    sweep = timed(runner + ["-m", f"zero={args.zero}", f"train.micro_batch_size={args.micro}", "sweep_name=bench"]
-                  + COMMON, cwd)
+    sweep = timed(
+        runner + ["-m", f"zero={args.zero}", f"train.micro_batch_size={args.micro}", "sweep_name=bench"] + COMMON, cwd
+    )
     per_point = (sweep - sum(alone)) / len(points)
     print(f"points: {len(points)}   alone: {sum(alone):.1f} s in total   sweep: {sweep:.1f} s")
     print("| metric | value | target |\n|---|---|---|")

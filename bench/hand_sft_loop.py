@@ -4,6 +4,7 @@ Launched as `deepspeed --num_gpus 1 --no_local_rank bench/hand_sft_loop.py RUN_D
 runner run's ds_config.json and tokenised data so that both loops do the same work, and prints one JSON line of
 tokens/s per logging interval.
 """
+
 import json
 import os
 import sys
@@ -34,7 +35,7 @@ for step in range(1, steps + 1):
     epoch, b = divmod(step - 1, per_epoch)
     if b == 0:  # a new seeded order every epoch, the same samples as the runner's single rank sees
         perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)).tolist()
-    rows = [data[i] for i in perm[b * micro: (b + 1) * micro]]
+    rows = [data[i] for i in perm[b * micro : (b + 1) * micro]]
     longest = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((micro, longest), pad)
     labels = torch.full((micro, longest), -100)

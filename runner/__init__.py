@@ -3,6 +3,7 @@
 `python -m runner` composes the Hydra config in conf/, plans the run (runner.plan), writes the run directory and starts
 the real launcher on `runner.worker`, which dispatches to a stage in runner.stages.
 """
+
 from pathlib import Path
 
 from omegaconf import OmegaConf

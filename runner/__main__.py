@@ -4,6 +4,7 @@ The Hydra process is the only one that parses the command line. It validates eve
 single file, so bad input leaves nothing behind; then it writes config.yaml, overrides.yaml, ds_config.json and
 launch.sh into the run directory and starts the real launcher (deepspeed or torchrun) on `runner.worker`.
 """
+
 from __future__ import annotations
 
 import sys
@@ -11,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from runner import driver
+from runner.driver import run as driver
 from runner.errors import ConfigError
 
 _task_started = False
@@ -30,10 +31,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def _check_override_syntax(args: list[str]) -> None:
+    from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
-
-    from hydra._internal.utils import get_args_parser
 
     try:
         overrides = get_args_parser().parse_known_args(args)[0].overrides  # Hydra's own split of flags and overrides
@@ -42,9 +42,12 @@ def _check_override_syntax(args: list[str]) -> None:
     try:
         OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as exc:
-        print(f"error: override {exc.override!r} is malformed: {str(exc.message).splitlines()[0]}\n"
-              "  fix: write KEY=VALUE (quote values with spaces or brackets, e.g. 'run_dir=\"my run\"'); "
-              "lists are [a,b]", file=sys.stderr)
+        print(
+            f"error: override {exc.override!r} is malformed: {str(exc.message).splitlines()[0]}\n"
+            "  fix: write KEY=VALUE (quote values with spaces or brackets, e.g. 'run_dir=\"my run\"'); "
+            "lists are [a,b]",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 

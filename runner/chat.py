@@ -11,6 +11,7 @@ Lines can be piped in too (each is echoed after `Human: `):
 
     printf 'Hello!\\nquit\\n' | python -m runner.chat EXPORT_DIR --temperature 0
 """
+
 from __future__ import annotations
 
 import argparse
@@ -105,12 +106,14 @@ def chat(conv: Conversation, generate, read, out=sys.stdout, err=sys.stderr, sto
 
 def piped_reader(stream=sys.stdin, out=sys.stdout):
     """read(prompt) for a stdin that is not a terminal: one line per call, echoed so the transcript reads well."""
+
     def read(prompt: str) -> str:
         line = stream.readline()
         if not line:
             raise EOFError
         print(prompt + line.rstrip("\n"), file=out, flush=True)
         return line
+
     return read
 
 
@@ -133,8 +136,10 @@ def check_dir(path: Path) -> str:
     if archs and not any(a.endswith("ForCausalLM") for a in archs):
         raise ChatError(f"{path} holds {', '.join(archs)}, not a causal LM (...ForCausalLM); {CHAT_INSTEAD}")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise ChatError(f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...); save the "
-                        "training tokenizer into it (tokenizer.save_pretrained) or pass the run's `export` directory")
+        raise ChatError(
+            f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...); save the "
+            "training tokenizer into it (tokenizer.save_pretrained) or pass the run's `export` directory"
+        )
     return f"{kind or 'model'}, {', '.join(archs) or 'unknown architecture'}"
 
 
@@ -183,8 +188,14 @@ def make_generate(model, tok, args, stops: tuple[str, ...]):
     import torch
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    kwargs = dict(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
-                  eos_token_id=tok.eos_token_id, pad_token_id=pad, stop_strings=list(stops), tokenizer=tok)
+    kwargs = dict(
+        max_new_tokens=args.max_new_tokens,
+        repetition_penalty=args.repetition_penalty,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=pad,
+        stop_strings=list(stops),
+        tokenizer=tok,
+    )
     if args.temperature > 0:
         kwargs.update(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     else:  # greedy; the model's own generation_config may ask for sampling
@@ -194,7 +205,8 @@ def make_generate(model, tok, args, stops: tuple[str, ...]):
         input_ids = torch.tensor([ids], device=model.device)
         with torch.inference_mode():
             out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-        return tok.decode(out[0, len(ids):], skip_special_tokens=True)
+        return tok.decode(out[0, len(ids) :], skip_special_tokens=True)
+
     return generate
 
 
@@ -211,8 +223,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--template", default=TEMPLATE, help="one turn; must contain {prompt}")
-    p.add_argument("--max_history_tokens", type=int, default=None,
-                   help="default: the model's max_position_embeddings minus --max_new_tokens")
+    p.add_argument(
+        "--max_history_tokens",
+        type=int,
+        default=None,
+        help="default: the model's max_position_embeddings minus --max_new_tokens",
+    )
     return p.parse_args(argv)
 
 
@@ -224,11 +240,16 @@ def setup(args: argparse.Namespace):
     except (KeyError, IndexError, ValueError):
         ok = False
     if not ok:
-        raise ChatError(f"--template {args.template!r} must contain {{prompt}} and no other braces "
-                        "(write them {{ }})")
-    for name, bad in (("max_new_tokens", args.max_new_tokens < 1), ("temperature", args.temperature < 0),
-                      ("top_k", args.top_k < 0), ("top_p", not 0 < args.top_p <= 1),
-                      ("repetition_penalty", args.repetition_penalty <= 0)):
+        raise ChatError(
+            f"--template {args.template!r} must contain {{prompt}} and no other braces (write them {{{{ }}}})"
+        )
+    for name, bad in (
+        ("max_new_tokens", args.max_new_tokens < 1),
+        ("temperature", args.temperature < 0),
+        ("top_k", args.top_k < 0),
+        ("top_p", not 0 < args.top_p <= 1),
+        ("repetition_penalty", args.repetition_penalty <= 0),
+    ):
         if bad:
             raise ChatError(f"--{name} {getattr(args, name)} is out of range")
     what = check_dir(path)
@@ -238,8 +259,10 @@ def setup(args: argparse.Namespace):
     room = positions - args.max_new_tokens if positions else None
     limit = args.max_history_tokens if args.max_history_tokens is not None else room
     if room is not None and room < 1:
-        raise ChatError(f"--max_new_tokens {args.max_new_tokens} leaves no room for the conversation in the model's "
-                        f"{positions} positions (max_position_embeddings)")
+        raise ChatError(
+            f"--max_new_tokens {args.max_new_tokens} leaves no room for the conversation in the model's "
+            f"{positions} positions (max_position_embeddings)"
+        )
     if limit is not None and not 1 <= limit <= (room or limit):
         why = f" (at most {room}: max_position_embeddings {positions} minus --max_new_tokens)" if room else ""
         raise ChatError(f"--max_history_tokens {limit} is out of range{why}")
@@ -250,8 +273,10 @@ def setup(args: argparse.Namespace):
     stops = tuple(dict.fromkeys([NEW_TURN] + ([head] if head.strip() and head.startswith("\n") else [])))
     conv = Conversation(args.template, lambda text: tok(text).input_ids, limit)
     mode = "greedy" if args.temperature == 0 else f"T={args.temperature} top_k={args.top_k} top_p={args.top_p}"
-    banner = (f"runner.chat: {path} ({what}) on {device}, {dtype}; {mode}, up to {args.max_new_tokens} new tokens, "
-              f"history up to {limit} tokens\ncommands: clear (forget the conversation), quit / exit / Ctrl-D")
+    banner = (
+        f"runner.chat: {path} ({what}) on {device}, {dtype}; {mode}, up to {args.max_new_tokens} new tokens, "
+        f"history up to {limit} tokens\ncommands: clear (forget the conversation), quit / exit / Ctrl-D"
+    )
     return conv, make_generate(model, tok, args, stops), stops, banner
 
 

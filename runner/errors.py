@@ -1,4 +1,5 @@
 """The one kind of error a user can fix: it names the key or file, says what is wrong and how to fix it."""
+
 from __future__ import annotations
 
 
@@ -14,4 +15,3 @@ class ConfigError(Exception):
         if self.fix:
             text += f"\n  fix: {self.fix}"
         return text
-

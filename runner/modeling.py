@@ -1,4 +1,5 @@
 """Tokenizers and models: from the hub, from a local directory, or built from an architecture (the tiny model)."""
+
 from __future__ import annotations
 
 import os
@@ -8,8 +9,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import ConfigError
 
-DROPOUT_KEYS = ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop",
-                "attn_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob")
+DROPOUT_KEYS = (
+    "dropout",
+    "attention_dropout",
+    "activation_dropout",
+    "hidden_dropout",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -21,8 +31,11 @@ def load_tokenizer(model: DictConfig, key: str = "model.tokenizer"):
         tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(key, f"cannot load tokenizer {name!r}: {first}",
-                          "give a hub id that is reachable (or cached) or a local tokenizer directory") from None
+        raise ConfigError(
+            key,
+            f"cannot load tokenizer {name!r}: {first}",
+            "give a hub id that is reachable (or cached) or a local tokenizer directory",
+        ) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -49,12 +62,16 @@ def model_config(model: DictConfig, tokenizer=None):
             config = AutoConfig.from_pretrained(os.path.expanduser(str(model.path)))
         except Exception:
             if not model.get("arch"):
-                raise ConfigError("model.path", f"cannot read the config of {model.path!r}",
-                                  "check the path or hub id") from None
+                raise ConfigError(
+                    "model.path", f"cannot read the config of {model.path!r}", "check the path or hub id"
+                ) from None
             config = AutoConfig.for_model(**OmegaConf.to_container(model.arch, resolve=True))
     if tokenizer is not None and len(tokenizer) > config.vocab_size:
-        raise ConfigError("model.tokenizer", f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
-                          f"has {config.vocab_size}", "use the tokenizer that belongs to the model")
+        raise ConfigError(
+            "model.tokenizer",
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {config.vocab_size}",
+            "use the tokenizer that belongs to the model",
+        )
     if model.get("dropout") is not None:
         for key in DROPOUT_KEYS:
             if hasattr(config, key):
@@ -113,13 +130,22 @@ def apply_lora(net: torch.nn.Module, lora: DictConfig, r: int | None = None) -> 
 
     targets = lora.target_modules
     if targets == "auto":
-        targets = sorted({name.rsplit(".", 1)[-1] for name, m in net.named_modules()
-                          if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in ("lm_head", "score")})
+        targets = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, m in net.named_modules()
+                if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in ("lm_head", "score")
+            }
+        )
     else:
         targets = list(targets)
     dtype = next(net.parameters()).dtype
-    net = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=float(lora.alpha), lora_dropout=float(lora.dropout),
-                                             target_modules=targets, bias="none"), net)
+    net = inject_adapter_in_model(
+        LoraConfig(
+            r=r, lora_alpha=float(lora.alpha), lora_dropout=float(lora.dropout), target_modules=targets, bias="none"
+        ),
+        net,
+    )
     for name, p in net.named_parameters():
         if "lora_" in name:
             p.data = p.data.to(dtype)  # one dtype for the whole model (ZeRO flattens parameters together)
@@ -150,8 +176,14 @@ def merge_lora(state: dict, lora: DictConfig, r: int) -> dict:
     return merged
 
 
-def load_causal_lm(model: DictConfig, ds_config: dict, dtype: str, gradient_checkpointing: bool = False,
-                   lora: DictConfig | None = None, lora_r: int = 0):
+def load_causal_lm(
+    model: DictConfig,
+    ds_config: dict,
+    dtype: str,
+    gradient_checkpointing: bool = False,
+    lora: DictConfig | None = None,
+    lora_r: int = 0,
+):
     from transformers import AutoModelForCausalLM
 
     net = _build(AutoModelForCausalLM, model, model_config(model), ds_config, dtype, gradient_checkpointing)
@@ -180,9 +212,15 @@ def last_token_scores(values: torch.Tensor, attention_mask: torch.Tensor) -> tor
     return values.gather(1, last.unsqueeze(1)).squeeze(1)
 
 
-def load_scalar_model(model: DictConfig, ds_config: dict, dtype: str, pad_token_id: int,
-                      gradient_checkpointing: bool = False, lora: DictConfig | None = None,
-                      lora_r: int = 0) -> ScalarHeadModel:
+def load_scalar_model(
+    model: DictConfig,
+    ds_config: dict,
+    dtype: str,
+    pad_token_id: int,
+    gradient_checkpointing: bool = False,
+    lora: DictConfig | None = None,
+    lora_r: int = 0,
+) -> ScalarHeadModel:
     """A reward model / critic: from a reward export (backbone and head), or from a causal LM (a base model or an
     SFT export: the backbone's weights, a new head)."""
     from transformers import AutoModelForSequenceClassification

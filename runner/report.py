@@ -6,6 +6,7 @@ CSV, and plots of throughput and memory against micro-batch size with one line p
 Hydra calls it at the end of every multirun (hydra.callbacks.sweep_report in conf/config.yaml). For a planned
 sweep (`-m ... dry_run=true`) it writes plan.md: the estimated model-state memory per device of every point.
 """
+
 from __future__ import annotations
 
 import csv
@@ -17,8 +18,21 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-COLUMNS = ["point", "status", "zero", "micro_batch", "world", "tokens_per_s", "samples_per_s", "peak_mem_mb_per_rank",
-           "metric", "value", "wall_time_s", "reason", "overrides"]
+COLUMNS = [
+    "point",
+    "status",
+    "zero",
+    "micro_batch",
+    "world",
+    "tokens_per_s",
+    "samples_per_s",
+    "peak_mem_mb_per_rank",
+    "metric",
+    "value",
+    "wall_time_s",
+    "reason",
+    "overrides",
+]
 
 
 def _override(overrides: list[str], key: str) -> str | None:
@@ -37,26 +51,42 @@ def _median(rows: list[dict], key: str) -> float | None:
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = []
-    for point in sorted((p for p in sweep_dir.iterdir() if (p / "status.json").exists()),
-                        key=lambda p: (len(p.name.split("_", 1)[0]), p.name)):
+    for point in sorted(
+        (p for p in sweep_dir.iterdir() if (p / "status.json").exists()),
+        key=lambda p: (len(p.name.split("_", 1)[0]), p.name),
+    ):
         status = json.loads((point / "status.json").read_text())
         overrides = status.get("overrides", [])
-        row: dict[str, Any] = {"point": point.name, "status": status["status"], "reason": status.get("reason", ""),
-                               "wall_time_s": status.get("wall_time_s"), "overrides": " ".join(overrides)}
+        row: dict[str, Any] = {
+            "point": point.name,
+            "status": status["status"],
+            "reason": status.get("reason", ""),
+            "wall_time_s": status.get("wall_time_s"),
+            "overrides": " ".join(overrides),
+        }
         config = point / "ds_config.json"
         if config.exists():
             ds = json.loads(config.read_text())
-            row.update(zero=ds["zero_optimization"]["stage"], micro_batch=ds["train_micro_batch_size_per_gpu"],
-                       world=ds["train_batch_size"] // (ds["train_micro_batch_size_per_gpu"]
-                                                        * ds["gradient_accumulation_steps"]))
+            row.update(
+                zero=ds["zero_optimization"]["stage"],
+                micro_batch=ds["train_micro_batch_size_per_gpu"],
+                world=ds["train_batch_size"]
+                // (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]),
+            )
         else:  # an invalid point: read what it asked for
             zero = _override(overrides, "zero")
-            row.update(zero=int(zero[5]) if zero and zero.startswith("stage") and zero[5:6].isdigit() else zero,
-                       micro_batch=_override(overrides, "train.micro_batch_size"))
+            row.update(
+                zero=int(zero[5]) if zero and zero.startswith("stage") and zero[5:6].isdigit() else zero,
+                micro_batch=_override(overrides, "train.micro_batch_size"),
+            )
         if "plan" in status:
             plan = status["plan"]
-            row.update(zero=plan["zero_stage"], micro_batch=plan["micro_batch_size"], world=plan["world_size"],
-                       plan_gb_per_device=round(plan["memory"]["per_device_gb"], 3))
+            row.update(
+                zero=plan["zero_stage"],
+                micro_batch=plan["micro_batch_size"],
+                world=plan["world_size"],
+                plan_gb_per_device=round(plan["memory"]["per_device_gb"], 3),
+            )
         metrics_file = point / "metrics.jsonl"
         if metrics_file.exists():
             records = [json.loads(x) for x in metrics_file.read_text().splitlines()]
@@ -117,10 +147,17 @@ def write(sweep_dir: Path) -> Path | None:
     if not rows:
         return None
     if all(r["status"] == "planned" for r in rows):
-        lines = ["# Sweep plan: model-state memory per device (DeepSpeed's estimators)", "",
-                 "| point | ZeRO | micro-batch | world | GiB per device | overrides |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['point']} | {r['zero']} | {r['micro_batch']} | {r['world']} | {r['plan_gb_per_device']} | "
-                  f"`{r['overrides']}` |" for r in rows]
+        lines = [
+            "# Sweep plan: model-state memory per device (DeepSpeed's estimators)",
+            "",
+            "| point | ZeRO | micro-batch | world | GiB per device | overrides |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['point']} | {r['zero']} | {r['micro_batch']} | {r['world']} | {r['plan_gb_per_device']} | "
+            f"`{r['overrides']}` |"
+            for r in rows
+        ]
         out = sweep_dir / "plan.md"
         out.write_text("\n".join(lines) + "\n")
         return out
@@ -129,14 +166,28 @@ def write(sweep_dir: Path) -> Path | None:
         writer.writeheader()
         writer.writerows(rows)
     head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
-    body = "\n".join("| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|").replace("\n", " ") for c in COLUMNS) + " |"
-                     for r in rows)
+    body = "\n".join(
+        "| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|").replace("\n", " ") for c in COLUMNS) + " |" for r in rows
+    )
     counts = {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})}
-    plots = [name for key, label, name in (("tokens_per_s", "tokens / s", "throughput.png"),
-                                           ("peak_mem_mb_per_rank", "peak memory per rank (MiB)", "memory.png"))
-             if _plot(rows, key, label, sweep_dir / name)]
-    text = (f"# Sweep report: {sweep_dir}\n\n" + ", ".join(f"{n} {s}" for s, n in counts.items()) + "\n\n"
-            + head + "\n" + body + "\n\n" + "".join(f"![{p}]({p})\n" for p in plots))
+    plots = [
+        name
+        for key, label, name in (
+            ("tokens_per_s", "tokens / s", "throughput.png"),
+            ("peak_mem_mb_per_rank", "peak memory per rank (MiB)", "memory.png"),
+        )
+        if _plot(rows, key, label, sweep_dir / name)
+    ]
+    text = (
+        f"# Sweep report: {sweep_dir}\n\n"
+        + ", ".join(f"{n} {s}" for s, n in counts.items())
+        + "\n\n"
+        + head
+        + "\n"
+        + body
+        + "\n\n"
+        + "".join(f"![{p}]({p})\n" for p in plots)
+    )
     (sweep_dir / "report.md").write_text(text)
     return sweep_dir / "report.md"
 

@@ -1,9 +1,9 @@
 """`python -m runner.worker RUN_DIR`: what every rank runs. It reads the run directory the driver wrote (never the
-command line Hydra parsed), joins the process group and runs the stage named in the config."""
+command line Hydra parsed), joins the process group and runs the recipe of the method named in the config."""
+
 from __future__ import annotations
 
 import importlib
-import json
 import sys
 from pathlib import Path
 
@@ -16,19 +16,22 @@ def main(argv: list[str]) -> int:
         return 2
     run_dir = Path(argv[0]).resolve()
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    ds_config = json.loads((run_dir / "ds_config.json").read_text())
-    from runner.engine import init_distributed
+    from runner.train.engine import init_distributed
 
     dist = init_distributed(cfg.deployment.get("threads_per_rank"))
     if dist.world != cfg.runtime.world_size:
-        print(f"error: the run was planned for {cfg.runtime.world_size} ranks but {dist.world} started; "
-              f"launch it with {run_dir / 'launch.sh'}", file=sys.stderr)
+        print(
+            f"error: the run was planned for {cfg.runtime.world_size} ranks but {dist.world} started; "
+            f"launch it with {run_dir / 'launch.sh'}",
+            file=sys.stderr,
+        )
         return 2
-    from runner.metrics import configure_wandb_env
+    from runner import stages
+    from runner.train.metrics import configure_wandb_env
 
     configure_wandb_env(cfg, run_dir)  # before any engine exists: DeepSpeed's monitor calls wandb.init
-    stage = importlib.import_module(f"runner.stages.{cfg.step.name}")
-    stage.run(cfg, ds_config, run_dir, dist)
+    module, _, function = stages.get(cfg.step.name).recipe.partition(":")
+    getattr(importlib.import_module(module), function)(cfg, run_dir, dist)
     # Only on success: a rank that raised must exit (the launcher then stops the others), not wait in a barrier
     # while the other ranks wait in a collective of the training step.
     import deepspeed.comm as dist_comm

@@ -494,9 +494,7 @@ def train_backend_tokenizer(texts: list[str]) -> Tokenizer:
     tokenizer.train_from_iterator(texts, trainer=trainer)
     bos_id = tokenizer.token_to_id("</s>")
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="</s>:0 $A:0",
-        pair="</s>:0 $A:0 </s>:1 $B:1",
-        special_tokens=[("</s>", bos_id)],
+        single="</s>:0 $A:0", pair="</s>:0 $A:0 </s>:1 $B:1", special_tokens=[("</s>", bos_id)]
     )
     return tokenizer
 

@@ -1,4 +1,5 @@
 """Shared fixtures: compose the real Hydra config tree in-process, write hostfiles, keep the hub offline."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,6 +44,7 @@ def compose(tmp_path_factory):
 @pytest.fixture
 def hostfile(tmp_path):
     """hostfile(text="worker-0 slots=8\\nworker-1 slots=8") -> path of an MPI-style hostfile in tmp_path."""
+
     def _write(text: str = "worker-0 slots=8\nworker-1 slots=8\n", name: str = "hostfile") -> str:
         path = tmp_path / name
         path.write_text(text)
@@ -69,15 +71,21 @@ def sft_run(sft_runs):
 @pytest.fixture(scope="session")
 def sft_runs(tmp_path_factory):
     """SFT runs (40 steps) shared by the tests that need the same run: runs(zero, ranks) -> run directory."""
-    from tests.e2e import QUICK, run_cli, run_dir_of
+    from tests.helpers import QUICK, run_cli, run_dir_of
 
     done = {}
 
     def get(zero: str, ranks: int = 1):
         if (zero, ranks) not in done:
             extra = ["deployment=cpu", f"deployment.nproc_per_node={ranks}", f"train.micro_batch_size={8 // ranks}"]
-            done[zero, ranks] = run_dir_of(run_cli(tmp_path_factory.mktemp(f"sft_{zero}_{ranks}"), f"zero={zero}",
-                                                   *(extra if ranks > 1 else []), *QUICK))
+            done[zero, ranks] = run_dir_of(
+                run_cli(
+                    tmp_path_factory.mktemp(f"sft_{zero}_{ranks}"),
+                    f"zero={zero}",
+                    *(extra if ranks > 1 else []),
+                    *QUICK,
+                )
+            )
         return done[zero, ranks]
 
     return get
@@ -86,8 +94,16 @@ def sft_runs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def reward_run(sft_run, tmp_path_factory):
     """A short reward run (60 steps) started from the default SFT run's export: PPO's critic and reward model."""
-    from tests.e2e import run_cli, run_dir_of
+    from tests.helpers import run_cli, run_dir_of
 
-    return run_dir_of(run_cli(tmp_path_factory.mktemp("reward_for_ppo"), "step=reward",
-                              f"step.init_from={sft_run / 'export'}", "train.max_steps=60", "train.log_every=20",
-                              "train.eval_every=60", "train.eval_max_batches=2"))
+    return run_dir_of(
+        run_cli(
+            tmp_path_factory.mktemp("reward_for_ppo"),
+            "step=reward",
+            f"step.init_from={sft_run / 'export'}",
+            "train.max_steps=60",
+            "train.log_every=20",
+            "train.eval_every=60",
+            "train.eval_max_batches=2",
+        )
+    )

@@ -3,9 +3,9 @@
 Every case runs the real CLI (`python -m runner ...`) in a fresh temporary directory, so that the run directory
 Hydra would create (outputs/sft/<timestamp>) lands there and can be checked for leftovers.
 """
+
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,21 +13,30 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import write_jsonl
+
 # a cheap stand-in for torch.cuda.is_available() (importing torch here would cost seconds): the NVIDIA driver is loaded
 HAS_GPU = Path("/proc/driver/nvidia").exists()
 
 
 def run_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runner", *overrides], cwd=tmp_path, capture_output=True,
-                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "runner", *overrides],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
 
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
-def assert_rejected(result: subprocess.CompletedProcess, tmp_path: Path, *names: str,
-                    keep: tuple[Path, ...] = ()) -> None:
+def assert_rejected(
+    result: subprocess.CompletedProcess, tmp_path: Path, *names: str, keep: tuple[Path, ...] = ()
+) -> None:
     """The bad-input contract: exit 2, no traceback, a message naming the key/file, nothing written."""
     out, err = result.stdout, result.stderr
     context = f"exit code {result.returncode}\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-3000:]}"
@@ -46,11 +55,6 @@ def assert_rejected(result: subprocess.CompletedProcess, tmp_path: Path, *names:
     left = list(run_root.rglob("*")) if run_root.is_dir() else []
     assert left == [], f"run directories left behind: {left}"
     assert not run_root.exists() or not any(run_root.iterdir())
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def garbage_file(tmp_path: Path) -> Path:
@@ -76,20 +80,33 @@ def test_composition_error(tmp_path, overrides, names):
 
 # ------------------------------------------------------------------------------------------ plan (runner/plan.py)
 PLAN_CASES = [
-    pytest.param(["train.global_batch_size=10", "train.micro_batch_size=4", "deployment=cpu",
-                  "deployment.nproc_per_node=2"], ["train.global_batch_size"], id="batch-does-not-divide"),
+    pytest.param(
+        ["train.global_batch_size=10", "train.micro_batch_size=4", "deployment=cpu", "deployment.nproc_per_node=2"],
+        ["train.global_batch_size"],
+        id="batch-does-not-divide",
+    ),
     pytest.param(["precision=fp16"], ["precision", "fp32"], id="fp16-on-cpu"),
-    pytest.param(["zero=stage2", "+zero.offload_param.device=cpu"], ["zero.offload_param"],
-                 id="param-offload-below-stage3"),
-    pytest.param(["zero=stage0", "+zero.offload_optimizer.device=cpu"], ["zero.offload_optimizer"],
-                 id="optimizer-offload-stage0"),
-    pytest.param(["deployment=cpu", f"deployment.nproc_per_node={max(64, 4 * (os.cpu_count() or 1))}"],
-                 ["deployment.nproc_per_node"], id="more-cpu-ranks-than-cores"),
-    pytest.param(["deployment=multi_node", "deployment.hostfile=/nonexistent/hostfile"],
-                 ["deployment.hostfile", "/nonexistent/hostfile"], id="missing-hostfile"),
-    pytest.param(["data=local", "data.sets.local.path=/nonexistent/x.jsonl"],
-                 ["data.sets.local.path", "/nonexistent/x.jsonl"],
-                 id="missing-data-file"),
+    pytest.param(
+        ["zero=stage2", "+zero.offload_param.device=cpu"], ["zero.offload_param"], id="param-offload-below-stage3"
+    ),
+    pytest.param(
+        ["zero=stage0", "+zero.offload_optimizer.device=cpu"], ["zero.offload_optimizer"], id="optimizer-offload-stage0"
+    ),
+    pytest.param(
+        ["deployment=cpu", f"deployment.nproc_per_node={max(64, 4 * (os.cpu_count() or 1))}"],
+        ["deployment.nproc_per_node"],
+        id="more-cpu-ranks-than-cores",
+    ),
+    pytest.param(
+        ["deployment=multi_node", "deployment.hostfile=/nonexistent/hostfile"],
+        ["deployment.hostfile", "/nonexistent/hostfile"],
+        id="missing-hostfile",
+    ),
+    pytest.param(
+        ["data=local", "data.sets.local.path=/nonexistent/x.jsonl"],
+        ["data.sets.local.path", "/nonexistent/x.jsonl"],
+        id="missing-data-file",
+    ),
     pytest.param(["data=local"], ["data.sets.local.path"], id="data-path-not-set"),
     pytest.param(["model.path=/nonexistent/model"], ["model.path", "/nonexistent/model"], id="missing-model-path"),
     pytest.param(["optimizer.lr=-1e-3"], ["optimizer.lr"], id="negative-lr"),
@@ -154,8 +171,8 @@ def test_malformed_data_file_message_says_what_is_wrong(tmp_path):
     bad = garbage_file(tmp_path)
     result = run_cli(tmp_path, "data=local", f"data.sets.local.path={bad}", "data.max_seq_len=64")
     assert_rejected(result, tmp_path, "data.sets.local.path")
-    message = result.stderr[result.stderr.index("error: data.sets.local.path"):]
-    assert "JSON" in message, message                     # what is wrong: the file is not valid JSON lines
+    message = result.stderr[result.stderr.index("error: data.sets.local.path") :]
+    assert "JSON" in message, message  # what is wrong: the file is not valid JSON lines
     assert "Failed to load JSON" not in result.stdout + result.stderr.replace(message, "")  # and only one message
 
 
@@ -176,7 +193,7 @@ def test_data_file_without_the_prompt_column(tmp_path):
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """Stand-ins for an SFT export, a reward export, and a reward export whose tokenizer differs (one token more)."""
-    from tests.test_config import TINY_TOKENIZER, fake_exports
+    from tests.helpers import TINY_TOKENIZER, fake_exports
 
     actor, reward = fake_exports()
     other = tmp_path_factory.mktemp("other_tokenizer") / "reward"
@@ -200,33 +217,45 @@ def test_ppo_rejects_an_sft_export_given_as_critic(tmp_path, exports):
 
 
 def test_ppo_rejects_a_missing_export(tmp_path, exports):
-    result = run_cli(tmp_path, *PPO_BASE, f"step.actor_from={tmp_path / 'nowhere'}",
-                     f"step.critic_from={exports['reward']}")
+    result = run_cli(
+        tmp_path, *PPO_BASE, f"step.actor_from={tmp_path / 'nowhere'}", f"step.critic_from={exports['reward']}"
+    )
     assert_rejected(result, tmp_path, "step.actor_from", "no config.json")
 
 
 def test_ppo_rejects_mismatched_tokenizers(tmp_path, exports):
-    result = run_cli(tmp_path, *PPO_BASE, f"step.actor_from={exports['actor']}",
-                     f"step.critic_from={exports['other']}")
+    result = run_cli(tmp_path, *PPO_BASE, f"step.actor_from={exports['actor']}", f"step.critic_from={exports['other']}")
     assert_rejected(result, tmp_path, "step.critic_from", "tokenizer")
 
 
 def test_ppo_rejects_prompts_longer_than_the_prompt_length(tmp_path, exports):
-    result = run_cli(tmp_path, *PPO_BASE[:1], "step.max_prompt_len=8", "step.generation.max_new_tokens=64",
-                     f"step.actor_from={exports['actor']}", f"step.critic_from={exports['reward']}")
+    result = run_cli(
+        tmp_path,
+        *PPO_BASE[:1],
+        "step.max_prompt_len=8",
+        "step.generation.max_new_tokens=64",
+        f"step.actor_from={exports['actor']}",
+        f"step.critic_from={exports['reward']}",
+    )
     assert_rejected(result, tmp_path, "step.max_prompt_len", "longer than", "data.overlong=drop")
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["step.generation_batch_size=6", "train.micro_batch_size=4"], "train.micro_batch_size"),
-    (["step.generation_batch_size=8", "train.micro_batch_size=4", "train.gradient_accumulation_steps=3"],
-     "train.gradient_accumulation_steps"),
-    (["step.max_prompt_len=200"], "step.max_prompt_len"),          # 200 + 64 > the tiny model's 256 positions
-    (["step.kl.type=sometimes"], "step.kl.type"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["step.generation_batch_size=6", "train.micro_batch_size=4"], "train.micro_batch_size"),
+        (
+            ["step.generation_batch_size=8", "train.micro_batch_size=4", "train.gradient_accumulation_steps=3"],
+            "train.gradient_accumulation_steps",
+        ),
+        (["step.max_prompt_len=200"], "step.max_prompt_len"),  # 200 + 64 > the tiny model's 256 positions
+        (["step.kl.type=sometimes"], "step.kl.type"),
+    ],
+)
 def test_ppo_rejects_impossible_settings(tmp_path, exports, overrides, key):
-    result = run_cli(tmp_path, *PPO_BASE, f"step.actor_from={exports['actor']}", f"step.critic_from={exports['reward']}",
-                     *overrides)
+    result = run_cli(
+        tmp_path, *PPO_BASE, f"step.actor_from={exports['actor']}", f"step.critic_from={exports['reward']}", *overrides
+    )
     assert_rejected(result, tmp_path, key)
 
 

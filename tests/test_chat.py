@@ -1,5 +1,6 @@
 """runner.chat: the conversation logic in-process (prompt building, `clear`, history truncation, answer cutting), the
 command line as a subprocess on a tiny OPT export (a greedy chat, a reward model refused, bad directories)."""
+
 from __future__ import annotations
 
 import io
@@ -12,11 +13,29 @@ import sys
 import pytest
 
 from runner import ASSETS, REPO_ROOT
-from runner.chat import (TEMPLATE, ChatError, Conversation, build_prompt, chat, check_dir, clean_answer, parse_args,
-                         pick_device_dtype, piped_reader, setup)
+from runner.chat import (
+    TEMPLATE,
+    ChatError,
+    Conversation,
+    build_prompt,
+    chat,
+    check_dir,
+    clean_answer,
+    parse_args,
+    pick_device_dtype,
+    piped_reader,
+    setup,
+)
 
-ARCH = dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
-            max_position_embeddings=256, word_embed_proj_dim=64)
+ARCH = dict(
+    vocab_size=1024,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    ffn_dim=128,
+    max_position_embeddings=256,
+    word_embed_proj_dim=64,
+)
 
 
 def save_export(path, model, kind):
@@ -43,12 +62,20 @@ def exports(tmp_path_factory):
 
 
 def run_chat(*args, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runner.chat", *map(str, args)], input=stdin, capture_output=True,
-                          text=True, cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "runner.chat", *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
 
 
-def run_loop(lines, encode=lambda s: list(s.encode()), decode=lambda ids: bytes(ids).decode(), max_tokens=None,
-             answers=None):
+def run_loop(
+    lines, encode=lambda s: list(s.encode()), decode=lambda ids: bytes(ids).decode(), max_tokens=None, answers=None
+):
     """chat() in-process with a fake model that records the prompt it is shown: (conversation, prompts, stdout)."""
     conv, prompts, out, err = Conversation(TEMPLATE, encode, max_tokens), [], io.StringIO(), io.StringIO()
     answers = iter(answers or [f"answer {i}" for i in range(1, 100)])
@@ -75,13 +102,20 @@ def test_clean_answer_cuts_where_the_model_starts_a_new_turn():
 
 
 def test_history_is_carried_and_clear_forgets_it():
-    conv, prompts, out = run_loop(["Hi", "  And you?  ", "", "clear", "Again", "quit", "never read"],
-                                  answers=["Hello!\n\nHuman: fake turn", "Fine.", "Back."])
-    assert prompts == [build_prompt([("Hi", None)]),
-                       build_prompt([("Hi", "Hello!"), ("And you?", None)]),
-                       build_prompt([("Again", None)])]  # after `clear` only the new turn
-    assert [x for x in out.splitlines() if x.startswith("Assistant:")] == \
-        ["Assistant: Hello!", "Assistant: Fine.", "Assistant: Back."]
+    conv, prompts, out = run_loop(
+        ["Hi", "  And you?  ", "", "clear", "Again", "quit", "never read"],
+        answers=["Hello!\n\nHuman: fake turn", "Fine.", "Back."],
+    )
+    assert prompts == [
+        build_prompt([("Hi", None)]),
+        build_prompt([("Hi", "Hello!"), ("And you?", None)]),
+        build_prompt([("Again", None)]),
+    ]  # after `clear` only the new turn
+    assert [x for x in out.splitlines() if x.startswith("Assistant:")] == [
+        "Assistant: Hello!",
+        "Assistant: Fine.",
+        "Assistant: Back.",
+    ]
     assert conv.turns == [("Again", "Back.")] and "never read" not in out
 
 
@@ -98,8 +132,10 @@ def test_history_drops_oldest_turns_at_turn_boundaries():
     encode, decode = (lambda text: tok(text).input_ids), (lambda ids: tok.decode(ids, skip_special_tokens=True))
     questions = ["What is the capital of France?", "And of Spain?", "Which one is bigger?", "Thanks, bye!"]
     answers = [f"answer {i}" for i in range(1, 5)]
-    seen = [build_prompt([*zip(questions[max(0, i - 1):i], answers[max(0, i - 1):i]), (questions[i], None)])
-            for i in range(4)]  # each question shown after the previous turn only
+    seen = [
+        build_prompt([*zip(questions[max(0, i - 1) : i], answers[max(0, i - 1) : i]), (questions[i], None)])
+        for i in range(4)
+    ]  # each question shown after the previous turn only
     limit = max(len(encode(p)) for p in seen)
     assert len(encode(build_prompt([*zip(questions[:2], answers[:2]), (questions[2], None)]))) > limit
     conv, prompts, out = run_loop(questions, encode, decode, max_tokens=limit)
@@ -135,8 +171,15 @@ def test_missing_directory_is_refused(tmp_path):
     assert f"{tmp_path / 'nope'}: no such directory" in result.stderr
 
 
-@pytest.mark.parametrize("case, expected", [("no-config", "no config.json"), ("no-tokenizer", "no tokenizer files"),
-                                            ("critic", "critic export"), ("classifier", "sequence classifier")])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("no-config", "no config.json"),
+        ("no-tokenizer", "no tokenizer files"),
+        ("critic", "critic export"),
+        ("classifier", "sequence classifier"),
+    ],
+)
 def test_directories_that_cannot_chat(exports, tmp_path, case, expected):
     path = shutil.copytree(exports["lm"], tmp_path / case)
     if case == "no-config":
@@ -162,12 +205,31 @@ def test_foreign_causal_lm_without_runner_export_is_accepted(exports, tmp_path):
 
 def test_max_history_tokens_with_the_real_model(exports):
     """setup() as the command line runs it, in-process: the flag reaches the conversation, which drops old turns."""
-    conv, generate, stops, banner = setup(parse_args([str(exports["lm"]), "--device", "cpu", "--temperature", "0",
-                                                      "--max_new_tokens", "8", "--max_history_tokens", "30"]))
+    conv, generate, stops, banner = setup(
+        parse_args(
+            [
+                str(exports["lm"]),
+                "--device",
+                "cpu",
+                "--temperature",
+                "0",
+                "--max_new_tokens",
+                "8",
+                "--max_history_tokens",
+                "30",
+            ]
+        )
+    )
     assert conv.max_tokens == 30 and "cpu, fp32; greedy" in banner
     out, err = io.StringIO(), io.StringIO()
-    chat(conv, generate, piped_reader(io.StringIO("Hello there\nWhat is two plus two?\nAnd three?\n"), out),
-         out=out, err=err, stops=stops)
+    chat(
+        conv,
+        generate,
+        piped_reader(io.StringIO("Hello there\nWhat is two plus two?\nAnd three?\n"), out),
+        out=out,
+        err=err,
+        stops=stops,
+    )
     assert out.getvalue().count("Assistant:") == 3 and "oldest turn(s) to stay within 30 tokens" in err.getvalue()
     assert len(conv.turns) < 3 and conv.turns[-1][0] == "And three?"
     assert len(conv.encode(build_prompt(conv.turns[:-1] + [(conv.turns[-1][0], None)]))) <= 30

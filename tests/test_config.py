@@ -1,8 +1,10 @@
 """The config tree, the planner, the DeepSpeed JSON and the launcher command, checked against the real parsers.
 
-Everything here runs in-process on fake hardware (runner.plan.Hardware), except the dry runs through the real CLI at the
-end, which start in the background as soon as this module's first test runs. Nothing here trains or launches ranks.
+Everything here runs in-process on fake hardware (runner.driver.plan.Hardware), except the dry runs through the real
+CLI at the end, which start in the background as soon as this module's first test runs. Nothing here trains or
+launches ranks.
 """
+
 from __future__ import annotations
 
 import copy
@@ -11,27 +13,24 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from runner import launch, memory, modeling
-from runner.ds_config import build_ds_config, build_ppo_ds_configs
+from runner import modeling
+from runner.driver import launch, memory
+from runner.driver.ds_config import build_ds_config
+from runner.driver.plan import Hardware, make_plan
 from runner.errors import ConfigError
-from runner.plan import Hardware, is_local_path, make_plan
+from runner.paths import is_local_path
+from runner.stages.ppo.spec import PPO
+from tests.helpers import CONF, CPU, GPU, REPO, TINY_TOKENIZER, TINY_TRAIN, ds_parse, fake_exports
 
-REPO = Path(__file__).resolve().parent.parent
-CONF = REPO / "conf"
-TINY_TRAIN = REPO / "runner" / "assets" / "tiny_data" / "train.jsonl"
-TINY_TOKENIZER = REPO / "runner" / "assets" / "tiny_tokenizer"
-
-GPU = Hardware(cuda_devices=8, bf16=True, cpus=2)     # one node of 8 bf16-capable GPUs
-CPU = Hardware(cuda_devices=0, bf16=False, cpus=2)    # a 2-core machine without GPUs
 RUN = "/runs/sft/2026-01-01_00-00-00"
 GiB = 1024**3
 TOTAL_STEPS = 100
@@ -43,7 +42,7 @@ def options(group: str) -> list[str]:
 
 GROUPS = ["step", "model", "data", "zero", "precision", "optimizer", "scheduler", "logger", "deployment"]
 ALL_RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
-PIPELINE_RECIPES = [r for r in ALL_RECIPES if r.startswith("rlhf_")]   # step=rlhf: three stages each
+PIPELINE_RECIPES = [r for r in ALL_RECIPES if r.startswith("rlhf_")]  # step=rlhf: three stages each
 RECIPES = [r for r in ALL_RECIPES if r not in PIPELINE_RECIPES]
 PRESETS = options("model")
 SIZED_PRESETS = [m for m in PRESETS if OmegaConf.load(CONF / "model" / f"{m}.yaml").get("num_params")]
@@ -53,6 +52,7 @@ SLURM_ENV = {"SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NNODES": "2", "SLURM_JOB
 
 # ---------------------------------------------------------------------------------------------------------- helpers
 
+
 def hw_for(cfg: DictConfig) -> Hardware:
     """The fake machine a composed config is meant for: no GPU for the CPU accelerator, 8 GPUs otherwise."""
     return CPU if cfg.deployment.accelerator == "cpu" else GPU
@@ -61,17 +61,6 @@ def hw_for(cfg: DictConfig) -> Hardware:
 # The fake machine each deployment option is planned on below: torchrun (accelerator=auto) on a CPU-only machine, so
 # that both of `auto`'s outcomes are covered (deployment=auto is planned on GPUs).
 DEPLOYMENT_HW = {"cpu": CPU, "torchrun": CPU}
-
-
-def ds_parse(ds: dict, world_size: int):
-    """DeepSpeed's own config parser, with its world size (normally from torch.distributed) set to `world_size`."""
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    with mock.patch("deepspeed.runtime.config.dist.get_world_size", return_value=world_size), \
-            mock.patch("deepspeed.runtime.config.dist.get_rank", return_value=0):
-        parsed = DeepSpeedConfig(copy.deepcopy(ds))
-    assert parsed.world_size == world_size  # the patch reached it (it silently falls back to 1 otherwise)
-    return parsed
 
 
 def plan_and_build(cfg: DictConfig, hw: Hardware, run_dir: str):
@@ -88,7 +77,7 @@ def ds_launcher_args(cmd: list[str]):
     return parse_args(cmd[1:])
 
 
-def deepspeed_resolution(cmd: list[str]) -> "OrderedDict[str, list[int]]":
+def deepspeed_resolution(cmd: list[str]) -> OrderedDict[str, list[int]]:
     """The slots per host DeepSpeed's launcher (deepspeed.launcher.runner.main) resolves from this command line, with
     every check it makes before it starts a process (no ssh, no subprocess)."""
     from deepspeed.launcher import runner as ds
@@ -110,8 +99,11 @@ def deepspeed_resolution(cmd: list[str]) -> "OrderedDict[str, list[int]]":
 def own_values(group: str, option: str, ignore=()) -> dict:
     """The values an option's YAML file sets itself (no defaults list, interpolations or required markers)."""
     raw = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"), resolve=False)
-    return {k: v for k, v in raw.items() if k != "defaults" and k not in ignore
-            and not (isinstance(v, str) and ("${" in v or v == "???"))}
+    return {
+        k: v
+        for k, v in raw.items()
+        if k != "defaults" and k not in ignore and not (isinstance(v, str) and ("${" in v or v == "???"))
+    }
 
 
 def assert_option_selected(cfg: DictConfig, group: str, option: str, ignore=()) -> None:
@@ -119,21 +111,32 @@ def assert_option_selected(cfg: DictConfig, group: str, option: str, ignore=()) 
     composed = OmegaConf.to_container(node, resolve=False)
     expected = own_values(group, option, ignore)
     if group == "deployment" and "deployment" in expected:  # a global-package option (slurm: deployment + hydra)
-        expected = {k: v for k, v in expected["deployment"].items()
-                    if not (isinstance(v, str) and "${" in v)}
+        expected = {k: v for k, v in expected["deployment"].items() if not (isinstance(v, str) and "${" in v)}
     if group == "step":  # step files are global: the stage's keys under `step`, its training defaults under `train`
         if "train" not in ignore:  # (a recipe's own train keys win over the step's)
             assert {k: cfg.train[k] for k in expected.get("train", {})} == expected.get("train", {})
         expected = {k: v for k, v in expected["step"].items() if k not in ignore}
     assert expected, f"conf/{group}/{option}.yaml sets no value to check"
-    assert {k: composed.get(k) for k in expected} == expected
+    assert_within(expected, composed)
+
+
+def assert_within(expected, composed, where: str = "") -> None:
+    """Every value an option's file sets is in the composed config (a base the file extends may add more keys)."""
+    if isinstance(expected, dict):
+        assert isinstance(composed, dict), where
+        for k, v in expected.items():
+            assert_within(v, composed.get(k), f"{where}.{k}")
+    else:
+        assert composed == expected, (where, composed, expected)
 
 
 # ------------------------------------------------------------------------------------- 1. every option composes
 
+
 def test_every_group_and_recipe_is_discovered():
-    defaults = {k: v for d in OmegaConf.load(CONF / "config.yaml").defaults if isinstance(d, DictConfig)
-                for k, v in d.items()}
+    defaults = {
+        k: v for d in OmegaConf.load(CONF / "config.yaml").defaults if isinstance(d, DictConfig) for k, v in d.items()
+    }
     for group in GROUPS:
         chosen = defaults[group] if group != "data" else defaults[group][0]  # data: a list of sets
         assert chosen in options(group), group
@@ -142,29 +145,34 @@ def test_every_group_and_recipe_is_discovered():
     assert {"stage0", "stage3"} <= set(options("zero")) and {"fp16", "bf16", "fp32"} <= set(options("precision"))
 
 
-def fake_exports() -> tuple[Path, Path]:
-    """An SFT-like and a reward-like export of the tiny model (config, tokenizer, runner_export.json; no weights:
-    planning reads only these), for planning PPO."""
-    import shutil
-    import tempfile
-
-    root = Path(tempfile.gettempdir()) / f"runner-fake-exports-{os.getpid()}"
-    for kind, arch in (("causal_lm", "OPTForCausalLM"), ("reward_model", "OPTForSequenceClassification")):
-        out = root / kind
-        if not out.exists():
-            shutil.copytree(TINY_TOKENIZER, out)
-            arch_cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "tiny.yaml").arch)
-            (out / "config.json").write_text(json.dumps({**arch_cfg, "architectures": [arch], "num_labels": 1}))
-            (out / "runner_export.json").write_text(json.dumps({"kind": kind}))
-    return root / "causal_lm", root / "reward_model"
-
-
 # What an option needs beside itself to make a valid run: a data file, a hostfile, a model with 512 positions.
-OPTION_NEEDS = {("data", "local"): lambda hf: [f"data.sets.local.path={TINY_TRAIN}"],
-                ("deployment", "multi_node"): lambda hf: [f"deployment.hostfile={hf()}"],
-                ("step", "ppo"): lambda hf: [f"step.actor_from={fake_exports()[0]}",
-                                             f"step.critic_from={fake_exports()[1]}",
-                                             "step.max_prompt_len=128", "step.generation.max_new_tokens=128"]}
+OPTION_NEEDS = {
+    ("data", "local"): lambda hf: [f"data.sets.local.path={TINY_TRAIN}"],
+    ("deployment", "multi_node"): lambda hf: [f"deployment.hostfile={hf()}"],
+    ("step", "ppo"): lambda hf: [
+        f"step.actor_from={fake_exports()[0]}",
+        f"step.critic_from={fake_exports()[1]}",
+        "step.max_prompt_len=128",
+        "step.generation.max_new_tokens=128",
+    ],
+}
+
+
+def plan_pipeline(compose, base: list[str], pipeline_dir: Path) -> dict:
+    """Each stage of a pipeline composed as the pipeline composes it and planned (later stages with their exports
+    still to come): stage name -> Plan."""
+    from runner.driver.pipeline import stage_overrides, strip_pipeline_keys
+
+    cfg = compose(base)
+    assert cfg.step.name == "rlhf"
+    plans = {}
+    for i, name in enumerate(cfg.step.stages):
+        stage_cfg = strip_pipeline_keys(
+            compose(stage_overrides(cfg, base, pipeline_dir, name) + (["+step.pending_exports=true"] if i else []))
+        )
+        assert stage_cfg.step.name == name and "stages" not in stage_cfg.step
+        plans[name] = make_plan(stage_cfg, hw_for(stage_cfg))
+    return plans
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
@@ -176,6 +184,10 @@ def test_every_option_composes_and_plans(compose, hostfile, monkeypatch, group, 
     cfg = compose([f"{group}={option}", *needs])
     keys = [n.split("=")[0].split(".") for n in needs]  # (a need's key: both its leaf and its top key under the group)
     assert_option_selected(cfg, group, option, ignore=[k[-1] for k in keys] + [k[1] for k in keys])
+    if (group, option) == ("step", "rlhf"):  # a pipeline: each of its stages is planned (below, for every recipe)
+        plans = plan_pipeline(compose, [f"{group}={option}"], Path(tempfile.mkdtemp()))
+        assert list(plans) == ["sft", "reward", "ppo"]
+        return
     plan = make_plan(cfg, DEPLOYMENT_HW.get(option, GPU) if group == "deployment" else hw_for(cfg))
     for resolved in ("deployment", "precision", "optimizer"):  # every `auto` of these is resolved by the plan
         assert "auto" not in OmegaConf.to_container(plan.cfg[resolved]).values(), resolved
@@ -197,7 +209,7 @@ def test_every_recipe_composes_and_plans(compose, recipe):
     overridden = [d for d in raw.get("defaults", []) if isinstance(d, dict)]
     assert overridden, "the recipe overrides no config group"
     for entry in overridden:
-        (key, option), = entry.items()
+        ((key, option),) = entry.items()
         group = key.removeprefix("override ").strip("/")
         ignore = raw.get(group, {}) if group != "step" else ["train"] * ("train" in raw)
         assert_option_selected(cfg, group, option, ignore=ignore)  # the recipe's own values win
@@ -214,19 +226,13 @@ def test_every_recipe_composes_and_plans(compose, recipe):
 def test_every_pipeline_recipe_plans_all_three_stages(compose, hostfile, recipe, tmp_path):
     """Each stage of a pipeline recipe composes as the pipeline composes it and plans (PPO with its exports still
     to come); the stages' own lists reach them."""
-    from runner.pipeline import stage_overrides, strip_pipeline_keys
-
     base = [f"recipe={recipe}"] + ([f"deployment.hostfile={hostfile()}"] if "multi_node" in recipe else [])
-    cfg = compose(base)
-    assert cfg.step.name == "rlhf" and list(cfg.step.stages) == ["sft", "reward", "ppo"]
-    stages = {name: strip_pipeline_keys(compose(stage_overrides(cfg, base, tmp_path, name) + (
-        ["+step.pending_exports=true"] if name != "sft" else []))) for name in cfg.step.stages}
-    for name, stage_cfg in stages.items():
-        assert stage_cfg.step.name == name and "stages" not in stage_cfg.step
-        plan = make_plan(stage_cfg, hw_for(stage_cfg))
+    plans = plan_pipeline(compose, base, tmp_path)
+    assert list(plans) == ["sft", "reward", "ppo"]
+    for name, plan in plans.items():
         assert plan.cfg.run_dir == str(tmp_path / name)
         if name == "ppo":
-            configs = build_ppo_ds_configs(plan.cfg, plan.world_size, 10, RUN)
+            configs = PPO().engine_configs(plan.cfg, plan.world_size, 10, RUN)
             for ds in configs.values():
                 ds_parse(ds, plan.world_size)
             assert plan.cfg.step.actor_from == str(tmp_path / "sft" / "export")
@@ -244,6 +250,7 @@ def test_recipe_values(compose):
 
 # ------------------------------------------------------------------------------------- dry_run and `auto` choices
 
+
 def test_deployment_auto_on_gpus_picks_single_node(compose):
     plan = make_plan(compose([]), GPU)
     assert (plan.cfg.deployment.name, plan.world_size, plan.cfg.precision.dtype) == ("single_node", 8, "bf16")
@@ -256,9 +263,17 @@ def test_deployment_auto_without_gpus_picks_one_cpu_rank(compose):
     dep = plan.deployment
     assert (dep.name, dep.accelerator, dep.nproc_per_node, dep.threads_per_rank) == ("cpu", "cpu", 1, 2)
     assert (plan.cfg.precision.dtype, plan.cfg.optimizer.impl, plan.world_size) == ("fp32", "torch", 1)
-    assert launch.launcher_command(dep, RUN) == ["deepspeed", "--num_gpus", "1", "--master_port",
-                                                 str(dep.master_port), "--no_local_rank", "--module",
-                                                 "runner.worker", RUN]
+    assert launch.launcher_command(dep, RUN) == [
+        "deepspeed",
+        "--num_gpus",
+        "1",
+        "--master_port",
+        str(dep.master_port),
+        "--no_local_rank",
+        "--module",
+        "runner.worker",
+        RUN,
+    ]
 
 
 def test_precision_auto_on_gpus_without_bf16_picks_fp16(compose):
@@ -291,16 +306,19 @@ def test_multi_node_without_hostfile(compose, tmp_path):
     assert any("plan_nodes" in note for note in plan.notes)
 
 
-@pytest.mark.parametrize("overrides, where", [
-    (["deployment=cpu", "precision=fp16"], "precision"),
-    (["zero=stage2", "+zero.offload_param.device=cpu"], "zero.offload_param"),
-    (["zero=stage0", "+zero.offload_optimizer.device=cpu"], "zero.offload_optimizer"),
-    (["zero=stage2_offload", "optimizer.impl=torch"], "optimizer.impl"),
-    (["optimizer.lr=0"], "optimizer.lr"),
-    (["train.micro_batch_size=0"], "train.micro_batch_size"),
-    (["train.epochs=null"], "train.max_steps"),
-    (["data.max_seq_len=512"], "data.max_seq_len"),  # the tiny model has 256 positions
-])
+@pytest.mark.parametrize(
+    "overrides, where",
+    [
+        (["deployment=cpu", "precision=fp16"], "precision"),
+        (["zero=stage2", "+zero.offload_param.device=cpu"], "zero.offload_param"),
+        (["zero=stage0", "+zero.offload_optimizer.device=cpu"], "zero.offload_optimizer"),
+        (["zero=stage2_offload", "optimizer.impl=torch"], "optimizer.impl"),
+        (["optimizer.lr=0"], "optimizer.lr"),
+        (["train.micro_batch_size=0"], "train.micro_batch_size"),
+        (["train.epochs=null"], "train.max_steps"),
+        (["data.max_seq_len=512"], "data.max_seq_len"),  # the tiny model has 256 positions
+    ],
+)
 def test_planner_rejections(compose, overrides, where):
     cfg = compose(overrides)
     with pytest.raises(ConfigError) as err:
@@ -312,8 +330,9 @@ def test_planner_rejections(compose, overrides, where):
 
 MATRIX_AXES = {"zero": options("zero"), "precision": options("precision"), "deployment": options("deployment")}
 # every option of every axis at least once
-MATRIX_SAMPLES = [tuple(opts[i % len(opts)] for opts in MATRIX_AXES.values())
-                  for i in range(max(map(len, MATRIX_AXES.values())))]
+MATRIX_SAMPLES = [
+    tuple(opts[i % len(opts)] for opts in MATRIX_AXES.values()) for i in range(max(map(len, MATRIX_AXES.values())))
+]
 
 
 @pytest.fixture(scope="module")
@@ -327,8 +346,10 @@ def matrix_parts(compose, tmp_path_factory):
     hostfile = tmp_path_factory.mktemp("matrix") / "hostfile"
     hostfile.write_text("worker-0 slots=8\nworker-1 slots=8\n")
     needs = {"multi_node": [f"deployment.hostfile={hostfile}"]}
-    parts = {"base": OmegaConf.to_container(compose([]), resolve=False),
-             "overrides": lambda z, p, d: [f"zero={z}", f"precision={p}", f"deployment={d}", *needs.get(d, [])]}
+    parts = {
+        "base": OmegaConf.to_container(compose([]), resolve=False),
+        "overrides": lambda z, p, d: [f"zero={z}", f"precision={p}", f"deployment={d}", *needs.get(d, [])],
+    }
     for group, opts in MATRIX_AXES.items():
         for option in opts:
             cfg = compose([f"{group}={option}", *needs.get(option, [])])
@@ -338,8 +359,15 @@ def matrix_parts(compose, tmp_path_factory):
 
 def assemble(parts: dict, zero: str, precision: str, deployment: str) -> DictConfig:
     cfg = copy.deepcopy(parts["base"])
-    cfg.update(copy.deepcopy({"zero": parts["zero", zero], "precision": parts["precision", precision],
-                              "deployment": parts["deployment", deployment]}))
+    cfg.update(
+        copy.deepcopy(
+            {
+                "zero": parts["zero", zero],
+                "precision": parts["precision", precision],
+                "deployment": parts["deployment", deployment],
+            }
+        )
+    )
     return OmegaConf.create(cfg)
 
 
@@ -390,8 +418,15 @@ def test_ds_config_matrix(matrix_parts, tmp_path, monkeypatch, zero, precision, 
     dtype = precision if precision != "auto" else ("bf16" if accelerator == "cuda" else "fp32")
     assert plan.cfg.precision.dtype == dtype
     if dtype == "fp16":
-        assert ds["fp16"] == {"enabled": True, "auto_cast": False, "loss_scale": 0, "initial_scale_power": 16,
-                              "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+        assert ds["fp16"] == {
+            "enabled": True,
+            "auto_cast": False,
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
         assert "bf16" not in ds
         assert parsed.float16_config.initial_scale_power == 16 and parsed.float16_config.hysteresis == 2
     elif dtype == "bf16":
@@ -404,8 +439,10 @@ def test_ds_config_matrix(matrix_parts, tmp_path, monkeypatch, zero, precision, 
     impl = "deepspeed" if accelerator == "cuda" or offload else "torch"
     assert plan.cfg.optimizer.impl == impl
     if impl == "deepspeed":
-        assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                               "weight_decay": 0.0}}
+        assert ds["optimizer"] == {
+            "type": "AdamW",
+            "params": {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0},
+        }
         assert parsed.optimizer_name == "adamw" and parsed.optimizer_params["lr"] == 1e-3
     else:
         assert "optimizer" not in ds and parsed.optimizer_name is None
@@ -422,11 +459,19 @@ def test_ds_parser_has_teeth(compose):
         ds_parse(ds, plan.world_size)
 
 
-@pytest.mark.parametrize("impl, deployment, present", [("torch", "single_node", False), ("deepspeed", "cpu", True),
-                                                        ("auto", "single_node", True), ("auto", "cpu", False)])
+@pytest.mark.parametrize(
+    "impl, deployment, present",
+    [
+        ("torch", "single_node", False),
+        ("deepspeed", "cpu", True),
+        ("auto", "single_node", True),
+        ("auto", "cpu", False),
+    ],
+)
 def test_optimizer_block_follows_impl(compose, impl, deployment, present):
-    cfg = compose([f"optimizer.impl={impl}", f"deployment={deployment}", "optimizer.lr=3e-4",
-                   "optimizer.weight_decay=0.1"])
+    cfg = compose(
+        [f"optimizer.impl={impl}", f"deployment={deployment}", "optimizer.lr=3e-4", "optimizer.weight_decay=0.1"]
+    )
     plan, ds, parsed = plan_and_build(cfg, hw_for(cfg), RUN)
     assert ("optimizer" in ds) == present
     if present:
@@ -437,10 +482,14 @@ def test_optimizer_block_follows_impl(compose, impl, deployment, present):
 SCHEDULER_TYPES = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
 
 
-@pytest.mark.parametrize("name, warmup, warmup_steps", [
-    pytest.param(name, warmup, steps)
-    for name in options("scheduler")
-    for warmup, steps in [(["scheduler.warmup_steps=10"], 10), (["scheduler.warmup_ratio=0.05"], 5), ([], 0)]])
+@pytest.mark.parametrize(
+    "name, warmup, warmup_steps",
+    [
+        pytest.param(name, warmup, steps)
+        for name in options("scheduler")
+        for warmup, steps in [(["scheduler.warmup_steps=10"], 10), (["scheduler.warmup_ratio=0.05"], 5), ([], 0)]
+    ],
+)
 def test_scheduler_block(compose, name, warmup, warmup_steps):
     import torch
     from deepspeed.runtime import lr_schedules
@@ -467,14 +516,20 @@ def test_scheduler_block(compose, name, warmup, warmup_steps):
     assert lrs[-1] == pytest.approx(1e-3) if name == "constant" else lrs[-1] < 0.05e-3
 
 
-@pytest.mark.parametrize("name, overrides, expected", [
-    ("none", [], {}),
-    ("tensorboard", [], {"tensorboard": {"enabled": True, "output_path": "{run}/tensorboard", "job_name": "sft"}}),
-    ("csv", [], {"csv_monitor": {"enabled": True, "output_path": "{run}/csv", "job_name": "sft"}}),
-    ("wandb", [], {"wandb": {"enabled": True, "project": "runner", "team": None, "group": None}}),
-    ("wandb", ["logger.project=proj", "logger.team=acme", "logger.group=g1"],
-     {"wandb": {"enabled": True, "project": "proj", "team": "acme", "group": "g1"}}),
-])
+@pytest.mark.parametrize(
+    "name, overrides, expected",
+    [
+        ("none", [], {}),
+        ("tensorboard", [], {"tensorboard": {"enabled": True, "output_path": "{run}/tensorboard", "job_name": "sft"}}),
+        ("csv", [], {"csv_monitor": {"enabled": True, "output_path": "{run}/csv", "job_name": "sft"}}),
+        ("wandb", [], {"wandb": {"enabled": True, "project": "runner", "team": None, "group": None}}),
+        (
+            "wandb",
+            ["logger.project=proj", "logger.team=acme", "logger.group=g1"],
+            {"wandb": {"enabled": True, "project": "proj", "team": "acme", "group": "g1"}},
+        ),
+    ],
+)
 def test_logger_block(compose, tmp_path, name, overrides, expected):
     expected = json.loads(json.dumps(expected).replace("{run}", str(tmp_path)))
     plan, ds, parsed = plan_and_build(compose([f"logger={name}", *overrides]), GPU, str(tmp_path))
@@ -489,8 +544,15 @@ def test_logger_block(compose, tmp_path, name, overrides, expected):
 
 @pytest.mark.parametrize("zero", ["stage0", "stage2"])
 def test_ds_escape_hatch(compose, zero):
-    cfg = compose([f"zero={zero}", "deployment=single_node", "+ds.zero_optimization.reduce_bucket_size=5e8",
-                   "+ds.activation_checkpointing.partition_activations=true", "+ds.steps_per_print=7"])
+    cfg = compose(
+        [
+            f"zero={zero}",
+            "deployment=single_node",
+            "+ds.zero_optimization.reduce_bucket_size=5e8",
+            "+ds.activation_checkpointing.partition_activations=true",
+            "+ds.steps_per_print=7",
+        ]
+    )
     plan, ds, parsed = plan_and_build(cfg, GPU, RUN)
     zero_group = OmegaConf.to_container(cfg.zero)
     assert ds["zero_optimization"] == {**zero_group, "reduce_bucket_size": 5e8}  # merged into, not replacing, the group
@@ -502,25 +564,51 @@ def test_ds_escape_hatch(compose, zero):
 
 
 def test_ds_top_level_keys_trace_to_train(compose):
-    cfg = compose(["deployment=single_node", "train.micro_batch_size=2", "train.gradient_accumulation_steps=3",
-                   "train.gradient_clipping=0.5", "train.steps_per_print=11", "train.wall_clock_breakdown=true"])
+    cfg = compose(
+        [
+            "deployment=single_node",
+            "train.micro_batch_size=2",
+            "train.gradient_accumulation_steps=3",
+            "train.gradient_clipping=0.5",
+            "train.steps_per_print=11",
+            "train.wall_clock_breakdown=true",
+        ]
+    )
     plan, ds, parsed = plan_and_build(cfg, GPU, RUN)
-    assert {k: ds[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                                "gradient_clipping", "steps_per_print", "wall_clock_breakdown")} == {
-        "train_batch_size": 48, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3,
-        "gradient_clipping": 0.5, "steps_per_print": 11, "wall_clock_breakdown": True}
+    assert {
+        k: ds[k]
+        for k in (
+            "train_batch_size",
+            "train_micro_batch_size_per_gpu",
+            "gradient_accumulation_steps",
+            "gradient_clipping",
+            "steps_per_print",
+            "wall_clock_breakdown",
+        )
+    } == {
+        "train_batch_size": 48,
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 3,
+        "gradient_clipping": 0.5,
+        "steps_per_print": 11,
+        "wall_clock_breakdown": True,
+    }
     assert (parsed.train_batch_size, parsed.gradient_clipping, parsed.wall_clock_breakdown) == (48, 0.5, True)
 
 
 # ------------------------------------------------------------------------- 3. global batch size → gradient accumulation
 
-@pytest.mark.parametrize("overrides, hw, global_batch, micro, gas", [
-    (["deployment=single_node"], GPU, 64, 4, 2),
-    (["deployment=single_node", "train.gradient_accumulation_steps=5"], GPU, 64, 4, 2),  # derived value wins
-    (["deployment=cpu", "deployment.nproc_per_node=2"], CPU, 16, 4, 2),
-    (["deployment=single_gpu"], GPU, 64, 8, 8),
-    ("multi_node", GPU, 256, 4, 4),
-])
+
+@pytest.mark.parametrize(
+    "overrides, hw, global_batch, micro, gas",
+    [
+        (["deployment=single_node"], GPU, 64, 4, 2),
+        (["deployment=single_node", "train.gradient_accumulation_steps=5"], GPU, 64, 4, 2),  # derived value wins
+        (["deployment=cpu", "deployment.nproc_per_node=2"], CPU, 16, 4, 2),
+        (["deployment=single_gpu"], GPU, 64, 8, 8),
+        ("multi_node", GPU, 256, 4, 4),
+    ],
+)
 def test_global_batch_size_derives_accumulation(compose, hostfile, overrides, hw, global_batch, micro, gas):
     if overrides == "multi_node":
         overrides = ["deployment=multi_node", f"deployment.hostfile={hostfile()}"]
@@ -542,6 +630,7 @@ def test_global_batch_size_must_divide(compose, global_batch):
 
 # ------------------------------------------------------------------------------------------------ 4. launcher commands
 
+
 def assert_deepspeed_args(cmd: list[str], **expected):
     args = ds_launcher_args(cmd)
     assert (args.user_script, args.user_args, args.module, args.no_local_rank) == ("runner.worker", [RUN], True, True)
@@ -555,11 +644,14 @@ def test_cpu_command(compose):
     port = plan.deployment.master_port
     assert isinstance(port, int) and 0 < port < 65536
     cmd = launch.launcher_command(plan.deployment, RUN)
-    assert cmd == ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "--no_local_rank",
-                   "--module", "runner.worker", RUN]
+    assert cmd == f"deepspeed --num_gpus 2 --master_port {port} --no_local_rank --module runner.worker {RUN}".split()
     assert_deepspeed_args(cmd, num_gpus=2, master_port=port, hostfile="/job/hostfile", include="")
-    assert launch.worker_env(plan.deployment) == {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
-                                                  "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    assert launch.worker_env(plan.deployment) == {
+        "DS_ACCELERATOR": "cpu",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     assert plan.world_size == 2
 
 
@@ -569,17 +661,24 @@ def test_cpu_ranks_beyond_cores(compose):
     assert err.value.where == "deployment.nproc_per_node"
 
 
-@pytest.mark.parametrize("overrides, gpus, flags", [
-    (["deployment=single_gpu"], 1, ["--num_gpus", "1"]),
-    (["deployment=single_node"], 8, []),   # every visible GPU: no --num_gpus, so DeepSpeed honours CUDA_VISIBLE_DEVICES
-    (["deployment=single_node", "deployment.nproc_per_node=4"], 4, ["--num_gpus", "4"]),
-    (["deployment=single_node", "deployment.include='localhost:0,2'"], 2, ["--include", "localhost:0,2"]),
-    (["deployment=auto"], 8, [])])
+@pytest.mark.parametrize(
+    "overrides, gpus, flags",
+    [
+        (["deployment=single_gpu"], 1, ["--num_gpus", "1"]),
+        (
+            ["deployment=single_node"],
+            8,
+            [],
+        ),  # every visible GPU: no --num_gpus, so DeepSpeed honours CUDA_VISIBLE_DEVICES
+        (["deployment=single_node", "deployment.nproc_per_node=4"], 4, ["--num_gpus", "4"]),
+        (["deployment=single_node", "deployment.include='localhost:0,2'"], 2, ["--include", "localhost:0,2"]),
+        (["deployment=auto"], 8, []),
+    ],
+)
 def test_single_node_commands(compose, overrides, gpus, flags):
     plan = make_plan(compose([*overrides, "deployment.master_port=29555"]), GPU)
     cmd = launch.launcher_command(plan.deployment, RUN)
-    assert cmd == ["deepspeed", *flags, "--master_port", "29555", "--no_local_rank",
-                   "--module", "runner.worker", RUN]
+    assert cmd == ["deepspeed", *flags, "--master_port", "29555", "--no_local_rank", "--module", "runner.worker", RUN]
     assert_deepspeed_args(cmd, num_gpus=gpus if flags[:1] == ["--num_gpus"] else -1, master_port=29555)
     env = launch.worker_env(plan.deployment)
     assert env["DS_ACCELERATOR"] == "cuda" and "OMP_NUM_THREADS" not in env
@@ -601,8 +700,9 @@ def _multi_node(compose, hostfile, launcher="pdsh", master_addr="worker-0", **se
 def test_multi_node_command(compose, hostfile, launcher, master_addr):
     plan, hf, cmd = _multi_node(compose, hostfile, launcher, master_addr)
     addr = ["--master_addr", master_addr] if master_addr else []
-    assert cmd == ["deepspeed", "--hostfile", hf, "--launcher", launcher, *addr, "--master_port", "29500",
-                   "--no_local_rank", "--module", "runner.worker", RUN]
+    assert cmd == ["deepspeed", "--hostfile", hf, "--launcher", launcher, *addr] + (
+        f"--master_port 29500 --no_local_rank --module runner.worker {RUN}".split()
+    )
     assert_deepspeed_args(cmd, hostfile=hf, launcher=launcher, master_addr=master_addr or "", master_port=29500)
     assert plan.world_size == 16 and plan.nodes == {"worker-0": 8, "worker-1": 8}
     assert plan.deployment.nproc_per_node == 8
@@ -610,27 +710,49 @@ def test_multi_node_command(compose, hostfile, launcher, master_addr):
     assert {h: len(s) for h, s in active.items()} == plan.nodes
 
 
-@pytest.mark.parametrize("launcher, settings, flags, nodes", [
-    ("pdsh", {"include": "worker-0:0,1@worker-1"}, ["--include", "worker-0:0,1@worker-1"],
-     {"worker-0": 2, "worker-1": 8}),
-    ("pdsh", {"exclude": "worker-1:0,1"}, ["--exclude", "worker-1:0,1"], {"worker-0": 8, "worker-1": 6}),
-    ("pdsh", {"exclude": "worker-0"}, ["--exclude", "worker-0"], {"worker-1": 8}),
-    ("pdsh", {"num_nodes": 1}, ["--num_nodes", "1"], {"worker-0": 8}),
-    ("pdsh", {"num_gpus": 4}, ["--num_gpus", "4"], {"worker-0": 4, "worker-1": 4}),
-    ("pdsh", {"num_nodes": 1, "num_gpus": 2}, ["--num_nodes", "1", "--num_gpus", "2"], {"worker-0": 2}),
-    ("slurm", {"include": "worker-1"}, ["--include", "worker-1"], {"worker-1": 8}),
-    ("slurm", {"num_gpus": 4, "launcher_args": "--partition gpu --time 01:00:00"},
-     ["--launcher_args=--partition gpu --time 01:00:00", "--num_gpus", "4"], {"worker-0": 4, "worker-1": 4}),
-    ("openmpi", {"launcher_args": "--mca btl_tcp_if_include eth0"},
-     ["--launcher_args=--mca btl_tcp_if_include eth0"], {"worker-0": 8, "worker-1": 8}),
-])
+@pytest.mark.parametrize(
+    "launcher, settings, flags, nodes",
+    [
+        (
+            "pdsh",
+            {"include": "worker-0:0,1@worker-1"},
+            ["--include", "worker-0:0,1@worker-1"],
+            {"worker-0": 2, "worker-1": 8},
+        ),
+        ("pdsh", {"exclude": "worker-1:0,1"}, ["--exclude", "worker-1:0,1"], {"worker-0": 8, "worker-1": 6}),
+        ("pdsh", {"exclude": "worker-0"}, ["--exclude", "worker-0"], {"worker-1": 8}),
+        ("pdsh", {"num_nodes": 1}, ["--num_nodes", "1"], {"worker-0": 8}),
+        ("pdsh", {"num_gpus": 4}, ["--num_gpus", "4"], {"worker-0": 4, "worker-1": 4}),
+        ("pdsh", {"num_nodes": 1, "num_gpus": 2}, ["--num_nodes", "1", "--num_gpus", "2"], {"worker-0": 2}),
+        ("slurm", {"include": "worker-1"}, ["--include", "worker-1"], {"worker-1": 8}),
+        (
+            "slurm",
+            {"num_gpus": 4, "launcher_args": "--partition gpu --time 01:00:00"},
+            ["--launcher_args=--partition gpu --time 01:00:00", "--num_gpus", "4"],
+            {"worker-0": 4, "worker-1": 4},
+        ),
+        (
+            "openmpi",
+            {"launcher_args": "--mca btl_tcp_if_include eth0"},
+            ["--launcher_args=--mca btl_tcp_if_include eth0"],
+            {"worker-0": 8, "worker-1": 8},
+        ),
+    ],
+)
 def test_multi_node_filters(compose, hostfile, launcher, settings, flags, nodes):
     plan, hf, cmd = _multi_node(compose, hostfile, launcher, **settings)
-    assert cmd == ["deepspeed", "--hostfile", hf, "--launcher", launcher, *flags, "--master_addr", "worker-0",
-                   "--master_port", "29500", "--no_local_rank", "--module", "runner.worker", RUN]
-    args = assert_deepspeed_args(cmd, launcher=launcher, launcher_args=settings.get("launcher_args", ""),
-                                 include=settings.get("include", ""), exclude=settings.get("exclude", ""),
-                                 num_nodes=settings.get("num_nodes", -1), num_gpus=settings.get("num_gpus", -1))
+    assert cmd == ["deepspeed", "--hostfile", hf, "--launcher", launcher, *flags] + (
+        f"--master_addr worker-0 --master_port 29500 --no_local_rank --module runner.worker {RUN}".split()
+    )
+    args = assert_deepspeed_args(
+        cmd,
+        launcher=launcher,
+        launcher_args=settings.get("launcher_args", ""),
+        include=settings.get("include", ""),
+        exclude=settings.get("exclude", ""),
+        num_nodes=settings.get("num_nodes", -1),
+        num_gpus=settings.get("num_gpus", -1),
+    )
     assert args.hostfile == hf
     assert plan.nodes == nodes and plan.world_size == sum(nodes.values())
     active = deepspeed_resolution(cmd)  # the world DeepSpeed's launcher would start is the one planned
@@ -649,13 +771,16 @@ def test_multi_node_filter_errors(compose, hostfile, settings):
         _multi_node(compose, hostfile, **settings)
 
 
-@pytest.mark.parametrize("launcher, settings", [
-    ("pdsh", {"include": "worker-0:9"}),                      # no slot 9: planned as world size 0
-    ("pdsh", {"include": "worker-1", "num_nodes": 1}),        # DeepSpeed: num_nodes/num_gpus exclude include/exclude
-    ("openmpi", {"exclude": "worker-1:0"}),                   # openmpi: no include/exclude at all
-    ("mvapich", {"num_gpus": 4}),                             # mvapich: no num_nodes/num_gpus
-    ("slurm", {"include": "worker-0:0,1@worker-1"}),          # slurm: same slot count on every host
-])
+@pytest.mark.parametrize(
+    "launcher, settings",
+    [
+        ("pdsh", {"include": "worker-0:9"}),  # no slot 9: planned as world size 0
+        ("pdsh", {"include": "worker-1", "num_nodes": 1}),  # DeepSpeed: num_nodes/num_gpus exclude include/exclude
+        ("openmpi", {"exclude": "worker-1:0"}),  # openmpi: no include/exclude at all
+        ("mvapich", {"num_gpus": 4}),  # mvapich: no num_nodes/num_gpus
+        ("slurm", {"include": "worker-0:0,1@worker-1"}),  # slurm: same slot count on every host
+    ],
+)
 def test_planner_rejects_what_the_deepspeed_launcher_rejects(compose, hostfile, launcher, settings):
     try:
         plan, _, cmd = _multi_node(compose, hostfile, launcher, **settings)
@@ -692,8 +817,7 @@ def _torchrun(cmd: list[str], monkeypatch):
 def test_torchrun_single_node(compose, monkeypatch, hw, nproc, accelerator):
     plan = make_plan(compose(["deployment=torchrun"]), hw)
     cmd = launch.launcher_command(plan.deployment, RUN)
-    assert cmd == ["torchrun", "--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc),
-                   "-m", "runner.worker", RUN]
+    assert cmd == f"torchrun --standalone --nnodes 1 --nproc_per_node {nproc} -m runner.worker {RUN}".split()
     args, config = _torchrun(cmd, monkeypatch)
     assert args.standalone is True
     assert (config.min_nodes, config.max_nodes, config.nproc_per_node) == (1, 1, nproc)
@@ -704,8 +828,13 @@ def test_torchrun_multi_node(compose, monkeypatch):
     cfg = compose(["deployment=torchrun", "deployment.nnodes=2", "deployment.rdzv_endpoint='host:29400'"])
     plan = make_plan(cfg, GPU)
     cmd = launch.launcher_command(plan.deployment, RUN)
-    assert cmd == ["torchrun", "--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", "host:29400",
-                   "--rdzv_id", "runner", "--nproc_per_node", "8", "-m", "runner.worker", RUN]
+    assert (
+        cmd
+        == (
+            f"torchrun --nnodes 2 --rdzv_backend c10d --rdzv_endpoint host:29400 --rdzv_id runner "
+            f"--nproc_per_node 8 -m runner.worker {RUN}"
+        ).split()
+    )
     args, config = _torchrun(cmd, monkeypatch)
     assert args.standalone is False
     assert (config.min_nodes, config.max_nodes, config.nproc_per_node) == (2, 2, 8)
@@ -736,8 +865,17 @@ def test_parse_hostfile_missing(tmp_path):
     assert err.value.where == "deployment.hostfile" and "missing" in err.value.problem
 
 
-@pytest.mark.parametrize("text", ["worker-0 8\n", "worker-0 slots=eight\n", "worker-0\n",
-                                  "worker-0 slots=8\nworker-0 slots=8\n", "# nothing\n\n", ""])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "worker-0 8\n",
+        "worker-0 slots=eight\n",
+        "worker-0\n",
+        "worker-0 slots=8\nworker-0 slots=8\n",
+        "# nothing\n\n",
+        "",
+    ],
+)
 def test_parse_hostfile_bad(tmp_path, text):
     from deepspeed.launcher.runner import _parse_hostfile
 
@@ -752,6 +890,7 @@ def test_parse_hostfile_bad(tmp_path, text):
 
 # ------------------------------------------------------------------------------------------------- 5. model presets
 
+
 @pytest.mark.parametrize("name", SIZED_PRESETS)
 def test_model_preset_sizes(compose, hf_offline, name):
     import torch
@@ -762,8 +901,7 @@ def test_model_preset_sizes(compose, hf_offline, name):
         net = AutoModelForCausalLM.from_config(modeling.model_config(model))
     assert sum(p.numel() for p in net.parameters()) == model.num_params
     assert modeling.largest_layer(model) == model.largest_layer_params
-    assert model.largest_layer_params == max(sum(p.numel() for p in m.parameters(recurse=False))
-                                             for m in net.modules())
+    assert model.largest_layer_params == max(sum(p.numel() for p in m.parameters(recurse=False)) for m in net.modules())
     assert "/" in model.path and not is_local_path(model.path)  # a hub id, not a directory
     assert model.tokenizer == model.path and model.name == name
 
@@ -794,11 +932,13 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(compose, hf_offline):
 
 # --------------------------------------------------------------------------------------------------- 6. memory plan
 
+
 def _memory(compose, zero: str, deployment: str, model: str = "opt-1.3b") -> dict:
     plan = make_plan(compose([f"model={model}", f"zero={zero}", f"deployment={deployment}"]), GPU)
     m = plan.cfg.model
-    return memory.model_state_memory(plan.cfg, m.num_params, m.largest_layer_params, max(plan.nodes.values()),
-                                     len(plan.nodes))
+    return memory.model_state_memory(
+        plan.cfg, m.num_params, m.largest_layer_params, max(plan.nodes.values()), len(plan.nodes)
+    )
 
 
 def test_memory_opt_1_3b_matches_deepspeed_figures(compose):
@@ -826,21 +966,34 @@ def test_memory_falls_with_the_stage_and_with_offload(compose):
 
 # ----------------------------------------------------------------------------- 7. dry run through the real CLI
 
+
 @pytest.fixture(scope="module", autouse=True)
 def cli_dry_runs(request, tmp_path_factory):
     """Start the CLI dry runs this session selected in the background, two at a time, as soon as this module starts:
     each takes seconds of interpreter start-up, which overlaps with the in-process tests."""
-    wanted = sorted({item.callspec.params["preset"] for item in request.session.items
-                     if getattr(item, "module", None) is request.module and hasattr(item, "callspec")
-                     and "preset" in item.callspec.params})
+    wanted = sorted(
+        {
+            item.callspec.params["preset"]
+            for item in request.session.items
+            if getattr(item, "module", None) is request.module
+            and hasattr(item, "callspec")
+            and "preset" in item.callspec.params
+        }
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a snapshot: tests below may change os.environ meanwhile
 
     cwds = {name: tmp_path_factory.mktemp(f"cli-{name}") for name in wanted}  # made here, not in the threads
 
     def dry_run(name: str):
         cwd = cwds[name]
-        proc = subprocess.run([sys.executable, "-m", "runner", f"model={name}", "dry_run=true",
-                               "deployment=single_gpu"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "runner", f"model={name}", "dry_run=true", "deployment=single_gpu"],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         return proc, cwd
 
     pool = ThreadPoolExecutor(max_workers=2)

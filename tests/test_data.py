@@ -1,5 +1,6 @@
 """The data layer, in process (no launcher): named sets and formats, data_split slices, blending weights, the cache,
 bad data and over-long samples."""
+
 from __future__ import annotations
 
 import json
@@ -8,33 +9,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runner import data, modeling
+from runner import modeling
+from runner.data import batches, prepare as data
+from runner.data.prepare import load_prepared
+from runner.driver.plan import make_plan
 from runner.errors import ConfigError
-from runner.plan import Hardware, make_plan
+from tests.helpers import CPU, TINY_TOKENIZER, write_jsonl
 
-CPU = Hardware(cuda_devices=0, bf16=False, cpus=2)
 TINY = Path(__file__).resolve().parent.parent / "runner" / "assets" / "tiny_data"
+DS_CHAT = {"sft": 2, "reward": 4, "ppo": 4}
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(Path(data.__file__).parent / "assets" / "tiny_tokenizer"))
+    return AutoTokenizer.from_pretrained(str(TINY_TOKENIZER))
 
 
 @pytest.fixture
 def prepare(compose, tokenizer, tmp_path):
     def _prepare(*overrides, cache=None):
         plan = make_plan(compose(list(overrides)), CPU)
-        return data.prepare(plan.cfg, tokenizer, cache_root=cache or tmp_path / "cache"), plan.cfg
+        return data.prepare(plan.cfg, plan.method, tokenizer, cache_root=cache or tmp_path / "cache"), plan.cfg
 
     return _prepare
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def tiny_rows(n: int | None = None) -> list[dict]:
@@ -45,15 +44,15 @@ def tiny_rows(n: int | None = None) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ slices
 @pytest.mark.parametrize("n", [10, 401, 4000])
 def test_stage_slices_are_disjoint_cover_everything_and_stable(n):
-    split = [2, 4, 4]
-    slices = [data.stage_slice(n, split, k, seed=1234) for k in range(3)]
+    split = DS_CHAT
+    slices = [data.stage_slice(n, split, k, seed=1234) for k in split]
     joined = np.concatenate(slices)
-    assert sorted(joined.tolist()) == list(range(n))                    # disjoint and complete
+    assert sorted(joined.tolist()) == list(range(n))  # disjoint and complete
     assert [len(s) for s in slices] == pytest.approx([n * 0.2, n * 0.4, n * 0.4], abs=1)
-    again = [data.stage_slice(n, split, k, seed=1234) for k in range(3)]
-    assert all((a == b).all() for a, b in zip(slices, again))            # same seed: same slices, any process
-    other = data.stage_slice(n, split, 0, seed=99)
-    assert n < 20 or set(other.tolist()) != set(slices[0].tolist())      # the seed matters
+    again = [data.stage_slice(n, split, k, seed=1234) for k in split]
+    assert all((a == b).all() for a, b in zip(slices, again))  # same seed: same slices, any process
+    other = data.stage_slice(n, split, "sft", seed=99)
+    assert n < 20 or set(other.tolist()) != set(slices[0].tolist())  # the seed matters
 
 
 def test_each_stage_gets_its_slice(prepare):
@@ -61,8 +60,9 @@ def test_each_stage_gets_its_slice(prepare):
     for stage in ("sft", "reward"):
         prepared, cfg = prepare(f"step={stage}")
         sizes[stage] = prepared.counts["train"]
-        assert prepared.stats["sets"]["tiny"]["train"]["slice_rows"] == len(data.stage_slice(4000, [2, 4, 4],
-                                                                                               data.STAGES[stage], 1234))
+        assert prepared.stats["sets"]["tiny"]["train"]["slice_rows"] == len(
+            data.stage_slice(4000, DS_CHAT, stage, 1234)
+        )
     assert sizes == {"sft": 800, "reward": 1600}
     whole, _ = prepare("step=sft", "data.split=[1,0,0]")
     assert whole.counts["train"] == 4000
@@ -71,11 +71,17 @@ def test_each_stage_gets_its_slice(prepare):
 def test_eval_split_is_made_when_a_set_has_none(prepare, tmp_path):
     rows = tiny_rows(500)
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    prepared, _ = prepare("data=local", f"data.sets.local.path={path}", "data.sets.local.sft_target=response",
-                          "data.split=[1,0,0]")
-    assert prepared.counts == {"train": 450, "eval": 50}                 # eval_fraction 0.1, seeded
-    again, _ = prepare("data=local", f"data.sets.local.path={path}", "data.sets.local.sft_target=response",
-                       "data.split=[1,0,0]", "seed=7")
+    prepared, _ = prepare(
+        "data=local", f"data.sets.local.path={path}", "data.sets.local.sft_target=response", "data.split=[1,0,0]"
+    )
+    assert prepared.counts == {"train": 450, "eval": 50}  # eval_fraction 0.1, seeded
+    again, _ = prepare(
+        "data=local",
+        f"data.sets.local.path={path}",
+        "data.sets.local.sft_target=response",
+        "data.split=[1,0,0]",
+        "seed=7",
+    )
     assert again.stats["cache"] != prepared.stats["cache"]
 
 
@@ -92,7 +98,7 @@ def test_blend_respects_weights_and_sft_only(prepare, tmp_path):
     assert d["weighted_rows"] == round(2.5 * d["slice_rows"])
     # sft_only: used whole by SFT, never by the reward stage
     sft, _ = prepare("step=sft", *common, "data.sets.local.sft_only=true")
-    assert sft.stats["sets"]["local"]["train"]["slice_rows"] == 900     # all its train rows (10% went to eval)
+    assert sft.stats["sets"]["local"]["train"]["slice_rows"] == 900  # all its train rows (10% went to eval)
     reward, _ = prepare("step=reward", *common, "data.sets.local.sft_only=true")
     assert "local" not in reward.stats["sets"]
 
@@ -105,10 +111,10 @@ def test_cache_is_reused_and_invalidated(prepare, tmp_path):
     meta = Path(first.stats["cache"]) / "meta.json"
     stamp = meta.stat().st_mtime_ns
     second, _ = prepare(*args)
-    assert second.stats["cache"] == first.stats["cache"] and meta.stat().st_mtime_ns == stamp   # reused
+    assert second.stats["cache"] == first.stats["cache"] and meta.stat().st_mtime_ns == stamp  # reused
     rows = tiny_rows(300)
     rows[0]["response"] = " the lamp was lovely and lovely ."
-    write_jsonl(path, rows)                                              # same size and name, new content
+    write_jsonl(path, rows)  # same size and name, new content
     third, _ = prepare(*args)
     assert third.stats["cache"] != first.stats["cache"]
     fourth, _ = prepare(*args, "data.max_seq_len=32")
@@ -117,32 +123,72 @@ def test_cache_is_reused_and_invalidated(prepare, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ formats
 def test_embedded_conversation_format(prepare, tokenizer, tmp_path):
-    rows = [{"chosen": f"\n\nHuman: hi {i}\n\nAssistant: hello\n\nHuman: describe the lamp\n\nAssistant: it is bright",
-             "rejected": f"\n\nHuman: hi {i}\n\nAssistant: hello\n\nHuman: describe the lamp\n\nAssistant: no"}
-            for i in range(40)]
+    rows = [
+        {
+            "chosen": f"\n\nHuman: hi {i}\n\nAssistant: hello\n\nHuman: describe the lamp\n\nAssistant: it is bright",
+            "rejected": f"\n\nHuman: hi {i}\n\nAssistant: hello\n\nHuman: describe the lamp\n\nAssistant: no",
+        }
+        for i in range(40)
+    ]
     path = write_jsonl(tmp_path / "hh.jsonl", rows)
-    prepared, _ = prepare("step=reward", "data=hh-rlhf", f"data.sets.hh_rlhf.path={path}",
-                          "data.sets.hh_rlhf.splits.eval=null", "data.split=[0,1,0]")
-    sample = data.load_prepared(prepared.paths["train"])[0]
+    prepared, _ = prepare(
+        "step=reward",
+        "data=hh-rlhf",
+        f"data.sets.hh_rlhf.path={path}",
+        "data.sets.hh_rlhf.splits.eval=null",
+        "data.split=[0,1,0]",
+    )
+    sample = load_prepared(prepared.paths["train"])[0]
     chosen, rejected = (tokenizer.decode(sample[k], skip_special_tokens=True) for k in ("chosen_ids", "rejected_ids"))
     assert chosen.endswith("Assistant: it is bright") and rejected.endswith("Assistant: no")
     assert chosen[: chosen.rindex("Assistant:")] == rejected[: rejected.rindex("Assistant:")]
 
 
-@pytest.mark.parametrize("set_name, rows, winner", [
-    ("webgpt-comparisons", [{"question": {"full_text": "why?"}, "answer_0": "because", "answer_1": "dunno",
-                             "score_0": 1.0, "score_1": -1.0}], "because"),
-    ("webgpt-comparisons", [{"question": {"full_text": "why?"}, "answer_0": "because", "answer_1": "dunno",
-                             "score_0": -0.5, "score_1": 0.5}], "dunno"),
-    ("shp", [{"history": "why?", "human_ref_A": "because", "human_ref_B": "dunno", "labels": 0}], "dunno"),
-])
+@pytest.mark.parametrize(
+    "set_name, rows, winner",
+    [
+        (
+            "webgpt-comparisons",
+            [
+                {
+                    "question": {"full_text": "why?"},
+                    "answer_0": "because",
+                    "answer_1": "dunno",
+                    "score_0": 1.0,
+                    "score_1": -1.0,
+                }
+            ],
+            "because",
+        ),
+        (
+            "webgpt-comparisons",
+            [
+                {
+                    "question": {"full_text": "why?"},
+                    "answer_0": "because",
+                    "answer_1": "dunno",
+                    "score_0": -0.5,
+                    "score_1": 0.5,
+                }
+            ],
+            "dunno",
+        ),
+        ("shp", [{"history": "why?", "human_ref_A": "because", "human_ref_B": "dunno", "labels": 0}], "dunno"),
+    ],
+)
 def test_scored_formats_choose_the_better_answer(prepare, tokenizer, tmp_path, set_name, rows, winner):
     key = set_name.replace("-", "_")
     tie = dict(rows[0], score_0=0.0, score_1=0.0) if "score_0" in rows[0] else None
     path = write_jsonl(tmp_path / "s.jsonl", rows * 30 + ([tie] * 5 if tie else []))
-    prepared, _ = prepare("step=reward", f"data={set_name}", f"data.sets.{key}.path={path}",
-                          f"data.sets.{key}.splits.eval=null", "data.split=[0,1,0]", "data.bad_rows=skip")
-    sample = data.load_prepared(prepared.paths["train"])[0]
+    prepared, _ = prepare(
+        "step=reward",
+        f"data={set_name}",
+        f"data.sets.{key}.path={path}",
+        f"data.sets.{key}.splits.eval=null",
+        "data.split=[0,1,0]",
+        "data.bad_rows=skip",
+    )
+    sample = load_prepared(prepared.paths["train"])[0]
     chosen = tokenizer.decode(sample["chosen_ids"], skip_special_tokens=True)
     assert chosen == f"\n\nHuman: why?\n\nAssistant: {winner}"
     if tie:  # ties carry no preference: dropped and counted
@@ -152,17 +198,25 @@ def test_scored_formats_choose_the_better_answer(prepare, tokenizer, tmp_path, s
 
 
 # ------------------------------------------------------------------------------------------------ bad data
-@pytest.mark.parametrize("mutate, reason", [
-    (lambda r: r.pop("chosen"), "field 'chosen' is missing"),
-    (lambda r: r.update(chosen=3), "is int, not text"),
-    (lambda r: r.update(rejected="   "), "is empty"),
-])
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda r: r.pop("chosen"), "field 'chosen' is missing"),
+        (lambda r: r.update(chosen=3), "is int, not text"),
+        (lambda r: r.update(rejected="   "), "is empty"),
+    ],
+)
 def test_bad_row_is_named_or_skipped_and_counted(prepare, tmp_path, mutate, reason):
     rows = tiny_rows(200)
     mutate(rows[17])
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
-    args = ["step=reward", "data=local", f"data.sets.local.path={path}", "data.split=[0,1,0]",
-            "data.sets.local.eval_fraction=0.01"]
+    args = [
+        "step=reward",
+        "data=local",
+        f"data.sets.local.path={path}",
+        "data.split=[0,1,0]",
+        "data.sets.local.eval_fraction=0.01",
+    ]
     with pytest.raises(ConfigError) as err:
         prepare(*args)
     assert err.value.where == "data.sets.local" and str(path) in err.value.problem and reason in err.value.problem
@@ -191,18 +245,19 @@ def test_overlong_samples_are_truncated_or_dropped_and_counted(prepare, tokenize
     cut, _ = prepare("data.max_seq_len=18")  # tiny prompt + response: 19-22 tokens
     stats = cut.stats["sets"]["tiny"]["train"]
     assert stats["overlong"] == stats["slice_rows"] and stats["kept"] == stats["slice_rows"]
-    assert max(len(x) for x in data.load_prepared(cut.paths["train"])["input_ids"]) == 18
+    assert max(len(x) for x in load_prepared(cut.paths["train"])["input_ids"]) == 18
     dropped, _ = prepare("data.max_seq_len=21", "data.overlong=drop")
     stats = dropped.stats["sets"]["tiny"]["train"]
     assert 0 < stats["overlong"] < stats["slice_rows"] and stats["kept"] == stats["slice_rows"] - stats["overlong"]
 
 
 def test_collators_pad_per_batch_and_mask_the_prompt():
-    batch = data.CausalLMCollator(pad_id=1)([{"input_ids": [2, 5, 6, 7], "prompt_len": 2},
-                                              {"input_ids": [2, 5, 8], "prompt_len": 2}])
+    batch = batches.CausalLMCollator(pad_id=1)(
+        [{"input_ids": [2, 5, 6, 7], "prompt_len": 2}, {"input_ids": [2, 5, 8], "prompt_len": 2}]
+    )
     assert batch["input_ids"].tolist() == [[2, 5, 6, 7], [2, 5, 8, 1]]
     assert batch["labels"].tolist() == [[-100, -100, 6, 7], [-100, -100, 8, -100]]
-    pairs = data.PairCollator(pad_id=1)([{"chosen_ids": [2, 3], "rejected_ids": [2, 4, 4]}])
+    pairs = batches.PairCollator(pad_id=1)([{"chosen_ids": [2, 3], "rejected_ids": [2, 4, 4]}])
     assert pairs["input_ids"].tolist() == [[2, 3, 1], [2, 4, 4]] and pairs["attention_mask"].sum() == 5
 
 
@@ -233,19 +288,24 @@ def test_local_formats_load_the_same_rows(prepare, tmp_path, kind):
         path = tmp_path / "splits"
         path.mkdir()
         write_jsonl(path / "train.jsonl", rows)
-    prepared, _ = prepare("data=local", f"data.sets.local.path={path}", "data.sets.local.sft_target=response",
-                          "data.split=[1,0,0]")
-    reference, _ = prepare("data=local", f"data.sets.local.path={write_jsonl(tmp_path / 'ref.jsonl', rows)}",
-                           "data.sets.local.sft_target=response", "data.split=[1,0,0]")
+    prepared, _ = prepare(
+        "data=local", f"data.sets.local.path={path}", "data.sets.local.sft_target=response", "data.split=[1,0,0]"
+    )
+    reference, _ = prepare(
+        "data=local",
+        f"data.sets.local.path={write_jsonl(tmp_path / 'ref.jsonl', rows)}",
+        "data.sets.local.sft_target=response",
+        "data.split=[1,0,0]",
+    )
     assert prepared.counts == reference.counts == {"train": 270, "eval": 30}
-    ours, theirs = (data.load_prepared(p.paths["train"])["input_ids"] for p in (prepared, reference))
+    ours, theirs = (load_prepared(p.paths["train"])["input_ids"] for p in (prepared, reference))
     assert ours == theirs
 
 
 def test_slices_do_not_depend_on_world_size(prepare):
     one, _ = prepare("step=reward")
     two, _ = prepare("step=reward", "deployment=cpu", "deployment.nproc_per_node=2")
-    assert one.stats["cache"] == two.stats["cache"]   # the same tokenised slice, built once, for any world size
+    assert one.stats["cache"] == two.stats["cache"]  # the same tokenised slice, built once, for any world size
 
 
 def test_slices_stay_disjoint_when_stages_drop_different_rows(prepare, tmp_path):
@@ -253,13 +313,18 @@ def test_slices_stay_disjoint_when_stages_drop_different_rows(prepare, tmp_path)
     for r in rows[::7]:  # identical pairs: dropped (skipped) by the reward stage only
         r["rejected"] = r["chosen"]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    args = ["data=local", f"data.sets.local.path={path}", "data.sets.local.sft_target=response",
-            "data.sets.local.splits.eval=null", "data.bad_rows=skip"]
+    args = [
+        "data=local",
+        f"data.sets.local.path={path}",
+        "data.sets.local.sft_target=response",
+        "data.sets.local.splits.eval=null",
+        "data.bad_rows=skip",
+    ]
     sft, _ = prepare("step=sft", *args)
     reward, _ = prepare("step=reward", *args)
     n = 900  # train rows after the seeded 10% eval split
-    for prepared, stage in ((sft, 0), (reward, 1)):
+    for prepared, stage in ((sft, "sft"), (reward, "reward")):
         stats = prepared.stats["sets"]["local"]["train"]
-        assert stats["slice_rows"] == len(data.stage_slice(n, [2, 4, 4], stage, 1234))  # cut before any drop
+        assert stats["slice_rows"] == len(data.stage_slice(n, DS_CHAT, stage, 1234))  # cut before any drop
     assert reward.stats["sets"]["local"]["train"]["bad_rows_skipped"] > 0
     assert sft.stats["sets"]["local"]["train"]["bad_rows_skipped"] == 0

@@ -1,10 +1,11 @@
 """End to end: loggers (TensorBoard, wandb offline) with secrets kept out of the run directory, torchrun,
 fine-tuning from a local Hugging Face directory under ZeRO-3, and checkpoint rotation."""
+
 from __future__ import annotations
 
 import pytest
 
-from tests.e2e import QUICK, metrics, run_cli, run_dir_of, summary
+from tests.helpers import QUICK, metrics, run_cli, run_dir_of, summary
 
 pytestmark = pytest.mark.e2e
 
@@ -38,8 +39,14 @@ def test_wandb_offline_and_no_secret_in_run_dir(tmp_path):
 
 
 def test_torchrun_two_ranks(tmp_path):
-    proc = run_cli(tmp_path, "deployment=torchrun", "deployment.nproc_per_node=2", "train.micro_batch_size=4",
-                   "zero=stage1", *QUICK)
+    proc = run_cli(
+        tmp_path,
+        "deployment=torchrun",
+        "deployment.nproc_per_node=2",
+        "train.micro_batch_size=4",
+        "zero=stage1",
+        *QUICK,
+    )
     run_dir = run_dir_of(proc)
     assert "torchrun --standalone --nnodes 1 --nproc_per_node 2 -m runner.worker" in (run_dir / "launch.sh").read_text()
     assert summary(run_dir)["world_size"] == 2

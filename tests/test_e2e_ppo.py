@@ -2,6 +2,7 @@
 DeepSpeed-Chat's critic fails), LoRA + EMA + the pretraining-loss mixture with a resume that continues exactly, and
 the tiny pipeline raising the mean reward of held-out prompts over the SFT policy, then skipping its finished stages
 and resuming the unfinished one when run again."""
+
 from __future__ import annotations
 
 import json
@@ -11,16 +12,41 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e import metrics, run_cli, run_dir_of, summary
+from tests.helpers import metrics, run_cli, run_dir_of, summary
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parent.parent
-PPO = ["step=ppo", "data.sets.tiny.splits.eval=heldout", "step.generation_batch_size=8", "train.micro_batch_size=4",
-       "step.max_prompt_len=32", "step.generation.max_new_tokens=16", "optimizer.lr=1e-3", "step.critic.lr=1e-4",
-       "scheduler.warmup_steps=2", "train.eval_max_batches=2"]
-PER_STEP = ["reward_mean", "reward_std", "kl", "kl_coef", "entropy", "actor_loss", "critic_loss", "clip_fraction",
-            "value_clip_fraction", "response_length", "gen_time_s", "experience_time_s", "train_time_s",
-            "tokens_per_s", "gen_tokens_per_s", "actor_lr", "critic_lr"]
+PPO = [
+    "step=ppo",
+    "data.sets.tiny.splits.eval=heldout",
+    "step.generation_batch_size=8",
+    "train.micro_batch_size=4",
+    "step.max_prompt_len=32",
+    "step.generation.max_new_tokens=16",
+    "optimizer.lr=1e-3",
+    "step.critic.lr=1e-4",
+    "scheduler.warmup_steps=2",
+    "train.eval_max_batches=2",
+]
+PER_STEP = [
+    "reward_mean",
+    "reward_std",
+    "kl",
+    "kl_coef",
+    "entropy",
+    "actor_loss",
+    "critic_loss",
+    "clip_fraction",
+    "value_clip_fraction",
+    "response_length",
+    "gen_time_s",
+    "experience_time_s",
+    "train_time_s",
+    "tokens_per_s",
+    "gen_tokens_per_s",
+    "actor_lr",
+    "critic_lr",
+]
 
 
 def sources(sft_run, reward_run):
@@ -28,11 +54,23 @@ def sources(sft_run, reward_run):
 
 
 def test_two_ranks_zero3_actor_and_zero3_critic(sft_run, reward_run, tmp_path):
-    from tests.test_config import ds_parse
+    from tests.helpers import ds_parse
 
-    run = run_dir_of(run_cli(tmp_path, *PPO, *sources(sft_run, reward_run), "zero=stage3",
-                             "zero@step.critic.zero=stage3", "deployment=cpu", "deployment.nproc_per_node=2",
-                             "train.max_steps=4", "train.eval_every=4", "step.print_answers_every=2"))
+    run = run_dir_of(
+        run_cli(
+            tmp_path,
+            *PPO,
+            *sources(sft_run, reward_run),
+            "zero@step.actor.zero=stage3",  # the actor's and the critic's ZeRO, under the same names
+            "zero@step.critic.zero=stage3",
+            "step.ema.enabled=true",  # the EMA keeps each rank's partition and gathers them for its export
+            "deployment=cpu",
+            "deployment.nproc_per_node=2",
+            "train.max_steps=4",
+            "train.eval_every=4",
+            "step.print_answers_every=2",
+        )
+    )
     s = summary(run)
     assert s["steps"] == 4 and s["world_size"] == 2
     for engine in ("actor", "critic"):  # each rank holds about half of each trained model
@@ -46,8 +84,9 @@ def test_two_ranks_zero3_actor_and_zero3_critic(sft_run, reward_run, tmp_path):
     assert sorted(rows) == [1, 2, 3, 4]
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-2]
     for key in PER_STEP:
-        assert f"train/{key}" in last or any(f"train/{key}" in json.loads(line) for line in
-                                             (run / "metrics.jsonl").read_text().splitlines()), key
+        assert f"train/{key}" in last or any(
+            f"train/{key}" in json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+        ), key
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert samples and all(r["prompt"] and "answer" in r for r in samples)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -55,14 +94,30 @@ def test_two_ranks_zero3_actor_and_zero3_critic(sft_run, reward_run, tmp_path):
     AutoModelForCausalLM.from_pretrained(run / "export")
     AutoModelForSequenceClassification.from_pretrained(run / "export_critic")
     assert json.loads((run / "export_critic" / "runner_export.json").read_text())["kind"] == "critic"
+    from safetensors.torch import load_file
+
+    sft, actor, ema = (
+        load_file(d / "model.safetensors") for d in (sft_run / "export", run / "export", run / "export_ema")
+    )
+    for key in ("model.decoder.layers.0.self_attn.q_proj.weight", "model.decoder.layers.1.fc2.weight"):
+        moved, ema_moved = (actor[key] - sft[key]).abs().max(), (ema[key] - sft[key]).abs().max()
+        assert moved > 0 and 0 < ema_moved < moved, key  # gathered from both ranks' partitions: it trails the actor
 
 
 def test_lora_ema_and_mixture_resume_exactly(sft_run, reward_run, tmp_path):
     """LoRA on actor and critic, the EMA and the pretraining mixture together; a run stopped at step 3 and resumed
     gives the same steps 4-6 as an uninterrupted run."""
-    features = [*PPO, *sources(sft_run, reward_run), "lora.r=4", "step.critic.lora_r=4", "step.ema.enabled=true",
-                "step.unsupervised.path=${asset:tiny_data}", "step.unsupervised.field=response",
-                "train.max_steps=6", "train.eval_every=6"]
+    features = [
+        *PPO,
+        *sources(sft_run, reward_run),
+        "lora.r=4",
+        "step.critic.lora_r=4",
+        "step.ema.enabled=true",
+        "step.unsupervised.path=${asset:tiny_data}",
+        "step.unsupervised.field=response",
+        "train.max_steps=6",
+        "train.eval_every=6",
+    ]
     whole = run_dir_of(run_cli(tmp_path / "whole", *features)) if (tmp_path / "whole").mkdir() is None else None
     (tmp_path / "parts").mkdir()
     parts = run_dir_of(run_cli(tmp_path / "parts", *features, "train.stop_at_step=3"))
@@ -107,9 +162,10 @@ def positive_share(export: Path) -> float:
     pos = neg = 0
     for r in rows[:100]:
         ids = tok(r["prompt"], return_tensors="pt").input_ids
-        out = model.generate(ids, do_sample=True, max_new_tokens=16, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
-        words = tok.decode(out[0, ids.size(1):], skip_special_tokens=True).split()
+        out = model.generate(
+            ids, do_sample=True, max_new_tokens=16, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+        )
+        words = tok.decode(out[0, ids.size(1) :], skip_special_tokens=True).split()
         pos, neg = pos + sum(w in POSITIVE for w in words), neg + sum(w in NEGATIVE for w in words)
     return pos / max(pos + neg, 1)
 
@@ -117,6 +173,7 @@ def positive_share(export: Path) -> float:
 def test_tiny_pipeline_raises_heldout_reward_then_skips_and_resumes(tmp_path):
     recipe = yaml.safe_load((REPO / "recipes" / "rlhf_tiny.yaml").read_text())
     ppo = recipe["step"]["ppo"]
+
     def as_list(items):  # Hydra's syntax for a list of override strings: each element quoted
         return "[" + ",".join(f"'{o}'" for o in items) + "]"
 
@@ -130,8 +187,11 @@ def test_tiny_pipeline_raises_heldout_reward_then_skips_and_resumes(tmp_path):
     assert "sft: completed earlier, skipped" in again.stdout
     assert "reward: completed earlier, skipped" in again.stdout
     assert "ppo: resuming from its latest checkpoint" in again.stdout
-    steps = [json.loads(line)["step"] for line in (pipe / "ppo" / "metrics.jsonl").read_text().splitlines()
-             if "train/reward_mean" in line]
+    steps = [
+        json.loads(line)["step"]
+        for line in (pipe / "ppo" / "metrics.jsonl").read_text().splitlines()
+        if "train/reward_mean" in line
+    ]
     assert steps == list(range(1, 61))  # one line per step: nothing trained twice, nothing skipped
     s = json.loads((pipe / "summary.json").read_text())
     assert s["status"] == "completed" and set(s["stages"]) == {"sft", "reward", "ppo"}

@@ -1,6 +1,7 @@
 """Reward model end to end on CPU: accuracy on held-out pairs (prompts about items training never saw) rising well
 above chance, ZeRO-3 on two ranks (where DeepSpeed-Chat's reward model fails), the best checkpoint kept, and an
 export that reloads with AutoModelForSequenceClassification and scores like the trained model."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e import checkpoint_state, metrics, run_cli, run_dir_of, summary
+from tests.helpers import checkpoint_state, metrics, run_cli, run_dir_of, summary
 
 pytestmark = pytest.mark.e2e
 HELDOUT = Path(__file__).resolve().parent.parent / "runner" / "assets" / "tiny_data" / "heldout.jsonl"
@@ -18,14 +19,15 @@ REWARD = ["step=reward", "train.log_every=10", "train.eval_every=50", "train.eva
 
 def pair_scores(model, tok, rows):
     """Scores of (chosen, rejected) as the stage computes them: prompt + answer + eos, value at the last real token."""
-    from runner.data import PairCollator
+    from runner.data.batches import PairCollator
     from runner.modeling import last_token_scores
 
     def ids(text):
         return tok(text).input_ids + [tok.eos_token_id]
 
-    batch = PairCollator(tok.pad_token_id)([{"chosen_ids": ids(r["prompt"] + r["chosen"]),
-                                             "rejected_ids": ids(r["prompt"] + r["rejected"])} for r in rows])
+    batch = PairCollator(tok.pad_token_id)(
+        [{"chosen_ids": ids(r["prompt"] + r["chosen"]), "rejected_ids": ids(r["prompt"] + r["rejected"])} for r in rows]
+    )
     with torch.no_grad():
         hidden = model.base_model(**batch).last_hidden_state
         scores = last_token_scores(model.score(hidden).squeeze(-1), batch["attention_mask"])
@@ -63,12 +65,21 @@ def test_reward_from_sft_export_learns_heldout_preferences(tmp_path, sft_run):
     assert s["eval_chosen_score"] > s["eval_rejected_score"] and s["eval_margin"] > 0
     chosen, rejected = check_export(run_dir, heldout())
     heldout_accuracy = float((chosen > rejected).float().mean())
-    assert heldout_accuracy >= 0.85, heldout_accuracy   # items never seen in training
+    assert heldout_accuracy >= 0.85, heldout_accuracy  # items never seen in training
 
 
 def test_reward_zero3_two_ranks(tmp_path):
-    run_dir = run_dir_of(run_cli(tmp_path, *REWARD, "zero=stage3", "deployment=cpu", "deployment.nproc_per_node=2",
-                                 "train.micro_batch_size=4", "train.max_steps=100"))
+    run_dir = run_dir_of(
+        run_cli(
+            tmp_path,
+            *REWARD,
+            "zero=stage3",
+            "deployment=cpu",
+            "deployment.nproc_per_node=2",
+            "train.micro_batch_size=4",
+            "train.max_steps=100",
+        )
+    )
     s = summary(run_dir)
     assert s["world_size"] == 2 and len(s["zero_partitioned_numel"]) == 2
     assert s["eval_accuracy"] > 0.75, s

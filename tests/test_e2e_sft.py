@@ -1,5 +1,6 @@
 """SFT end to end on CPU through the real launcher: ZeRO 0-3 on one rank, ZeRO 2-3 on two ranks, sharding, resume,
 export. Marked e2e (about 20-40 s per run, mostly launcher and DeepSpeed start-up)."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.e2e import checkpoint_state, QUICK, metrics, run_cli, run_dir_of, summary
+from tests.helpers import QUICK, checkpoint_state, metrics, run_cli, run_dir_of, summary
 
 pytestmark = pytest.mark.e2e
 
@@ -67,7 +68,7 @@ def check_export_matches_checkpoint(run_dir):
     with torch.no_grad():
         torch.testing.assert_close(exported(**batch).logits, reference(**batch).logits, rtol=1e-5, atol=1e-5)
         out = exported.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-    answer = tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     # 40 steps teach the answer's shape (" the ... was ... and ... .") though not yet to copy the item
     assert answer.startswith(" the") and " was " in answer and answer.rstrip().endswith("."), answer
 

@@ -1,5 +1,6 @@
 """Sweeps (failed and invalid points recorded, finished points skipped, the report) and a real two-node run on
 this one machine: two torchrun agents sharing a rendezvous on 127.0.0.1 train one model together."""
+
 from __future__ import annotations
 
 import csv
@@ -11,8 +12,8 @@ import time
 
 import pytest
 
-from runner.launch import free_port
-from tests.e2e import QUICK, metrics, run_cli, summary
+from runner.driver.launch import free_port
+from tests.helpers import QUICK, metrics, run_cli, summary
 
 pytestmark = pytest.mark.e2e
 SHORT = ["train.max_steps=12", "train.log_every=3", "train.eval_max_batches=2"]
@@ -28,17 +29,19 @@ def test_sweep_records_every_point_skips_finished_ones_and_reports(tmp_path):
     rows = list(csv.DictReader(open(sweep / "report.csv")))
     assert len(rows) == 4 and {r["zero"] for r in rows} == {"0", "2"}
     done = [r for r in rows if r["status"] == "completed"]
-    assert all(float(r["tokens_per_s"]) > 0 and float(r["peak_mem_mb_per_rank"]) > 0 and r["metric"] == "loss"
-               for r in done)
+    assert all(
+        float(r["tokens_per_s"]) > 0 and float(r["peak_mem_mb_per_rank"]) > 0 and r["metric"] == "loss" for r in done
+    )
     assert (sweep / "report.md").read_text().count("| completed |") == 2
     assert (sweep / "throughput.png").stat().st_size > 1000 and (sweep / "memory.png").exists()
     assert "sweep report:" in first.stdout
 
     stamp = {p.name: (p / "summary.json").stat().st_mtime_ns for p in sweep.iterdir() if (p / "summary.json").exists()}
     again = run_cli(tmp_path, *args)
-    assert again.stdout.count("skipped:") == 2   # finished points are not run again; invalid ones are retried
-    assert stamp == {p.name: (p / "summary.json").stat().st_mtime_ns for p in sweep.iterdir()
-                     if (p / "summary.json").exists()}
+    assert again.stdout.count("skipped:") == 2  # finished points are not run again; invalid ones are retried
+    assert stamp == {
+        p.name: (p / "summary.json").stat().st_mtime_ns for p in sweep.iterdir() if (p / "summary.json").exists()
+    }
     (sweep / "report.md").unlink()
     regenerated = subprocess.run([sys.executable, "-m", "runner.report", str(sweep)], capture_output=True, text=True)
     assert regenerated.returncode == 0 and (sweep / "report.md").exists()
@@ -56,13 +59,21 @@ def test_failed_point_is_recorded_and_the_sweep_goes_on(tmp_path):
 
 
 def test_planned_sweep_estimates_memory_per_point(tmp_path):
-    run_cli(tmp_path, "-m", "dry_run=true", "model=opt-1.3b", "deployment=single_node", "zero=stage2,stage3",
-            "train.micro_batch_size=1,2", "sweep_name=p")
+    run_cli(
+        tmp_path,
+        "-m",
+        "dry_run=true",
+        "model=opt-1.3b",
+        "deployment=single_node",
+        "zero=stage2,stage3",
+        "train.micro_batch_size=1,2",
+        "sweep_name=p",
+    )
     plan = (tmp_path / "outputs" / "multirun" / "p" / "plan.md").read_text()
     rows = [line for line in plan.splitlines() if line.startswith("| ") and "ZeRO" not in line]
     assert len(rows) == 4
     per_device = {(r.split("|")[2].strip(), r.split("|")[3].strip()): float(r.split("|")[5]) for r in rows}
-    assert per_device[("3", "1")] < per_device[("2", "1")]   # ZeRO-3 needs less per device than ZeRO-2
+    assert per_device[("3", "1")] < per_device[("2", "1")]  # ZeRO-3 needs less per device than ZeRO-2
 
 
 def test_two_nodes_on_one_machine_match_a_single_node(tmp_path, sft_runs):
@@ -71,10 +82,24 @@ def test_two_nodes_on_one_machine_match_a_single_node(tmp_path, sft_runs):
 
     two = tmp_path / "two_nodes"
     port = free_port()
-    node0 = subprocess.Popen([sys.executable, "-m", "runner", "deployment=torchrun", "deployment.nnodes=2",
-                              "deployment.nproc_per_node=1", f"deployment.rdzv_endpoint=127.0.0.1:{port}",
-                              f"run_dir={two}", *common], cwd=tmp_path, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    node0 = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "runner",
+            "deployment=torchrun",
+            "deployment.nnodes=2",
+            "deployment.nproc_per_node=1",
+            f"deployment.rdzv_endpoint=127.0.0.1:{port}",
+            f"run_dir={two}",
+            *common,
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     for _ in range(600):  # node 1 runs the command node 0 wrote, as a second machine would
         if (two / "launch.sh").exists() or node0.poll() is not None:
             break
@@ -86,7 +111,7 @@ def test_two_nodes_on_one_machine_match_a_single_node(tmp_path, sft_runs):
     assert node0.returncode == 0 and node1.returncode == 0, out0[-3000:] + node1.stdout[-2000:] + node1.stderr[-2000:]
 
     s = summary(two)
-    assert s["world_size"] == 2 and len(s["peak_memory_mb"]) == 2   # both nodes took part
+    assert s["world_size"] == 2 and len(s["peak_memory_mb"]) == 2  # both nodes took part
     a, b = metrics(single, "train/loss"), metrics(two, "train/loss")
     assert a.keys() == b.keys()
     for step in a:

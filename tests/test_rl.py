@@ -1,4 +1,5 @@
 """PPO's arithmetic (runner.rl) against values worked out by hand, and the pipeline's override merging."""
+
 from __future__ import annotations
 
 import math
@@ -68,9 +69,9 @@ def test_value_loss_takes_the_larger_of_clipped_and_unclipped():
     old = torch.tensor([[0.0]])
     returns = torch.tensor([[1.0]])
     loss, frac = rl.value_loss(torch.tensor([[0.9]]), old, returns, torch.ones(1, 1), cliprange_value=0.2, coef=0.5)
-    assert loss.item() == pytest.approx(0.5 * 0.8 ** 2) and frac.item() == 1.0  # clipped to 0.2: error 0.8
+    assert loss.item() == pytest.approx(0.5 * 0.8**2) and frac.item() == 1.0  # clipped to 0.2: error 0.8
     loss, frac = rl.value_loss(torch.tensor([[0.1]]), old, returns, torch.ones(1, 1), cliprange_value=0.2, coef=0.5)
-    assert loss.item() == pytest.approx(0.5 * 0.9 ** 2) and frac.item() == 0.0
+    assert loss.item() == pytest.approx(0.5 * 0.9**2) and frac.item() == 0.0
 
 
 def test_kl_controllers():
@@ -90,7 +91,7 @@ def test_running_moments_merge_batches():
     xs = torch.randn(1000, dtype=torch.float64) * 3 + 2
     m = rl.RunningMoments()
     for chunk in xs.split(37):
-        m.update(len(chunk), float(chunk.sum()), float((chunk ** 2).sum()))
+        m.update(len(chunk), float(chunk.sum()), float((chunk**2).sum()))
     assert m.mean == pytest.approx(float(xs.mean()), rel=1e-9)
     assert m.std == pytest.approx(float(xs.std(unbiased=False)), rel=1e-6)
 
@@ -103,7 +104,6 @@ def test_whiten():
 
 
 def test_pipeline_overrides_later_wins_in_place():
-    from runner.pipeline import merge_overrides
+    from runner.overrides import merge
 
-    assert merge_overrides(["model=tiny", "zero=stage0", "+x=1"], ["zero=stage3", "x=2"]) == [
-        "model=tiny", "zero=stage3", "x=2"]
+    assert merge(["model=tiny", "zero=stage0", "+x=1"], ["zero=stage3", "x=2"]) == ["model=tiny", "zero=stage3", "x=2"]

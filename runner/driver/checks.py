@@ -1,0 +1,176 @@
+"""Small validators the planner and the methods share. Each raises ConfigError naming the key, what is wrong and
+the fix; none writes anything."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from runner.errors import ConfigError
+from runner.paths import export_kind, is_local_path, local
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def positive_int(cfg: DictConfig, *keys: str) -> None:
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(key, f"must be a positive integer, got {value!r}")
+
+
+def in_range(cfg: DictConfig, low: float, high: float, *keys: str) -> None:
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if not _number(value) or not low <= value <= high:
+            raise ConfigError(key, f"must be a number in [{low}, {high}], got {value!r}")
+
+
+def non_negative(cfg: DictConfig, *keys: str) -> None:
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if not _number(value) or value < 0:
+            raise ConfigError(key, f"must be a non-negative number, got {value!r}")
+
+
+def positive(cfg: DictConfig, *keys: str, example: str = "1e-5") -> None:
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if not _number(value) or value <= 0:
+            raise ConfigError(key, f"must be a positive number, got {value!r}", f"e.g. {key}={example}")
+
+
+def zero(block: DictConfig, key: str = "zero") -> None:
+    stage = block.stage
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{key}.stage", f"ZeRO stage must be 0, 1, 2 or 3, got {stage!r}")
+    param = OmegaConf.select(block, "offload_param.device", default="none")
+    optim = OmegaConf.select(block, "offload_optimizer.device", default="none")
+    if param not in ("none", None) and stage != 3:
+        raise ConfigError(
+            f"{key}.offload_param",
+            f"parameter offload needs ZeRO stage 3, but {key}.stage={stage}",
+            "use the stage3_offload option, or remove the offload_param block",
+        )
+    if optim not in ("none", None) and stage == 0:
+        raise ConfigError(
+            f"{key}.offload_optimizer",
+            f"optimizer offload needs ZeRO stage 1, 2 or 3, but {key}.stage=0",
+            "use the stage2_offload or stage3_offload option",
+        )
+
+
+def offloads_optimizer(block: DictConfig) -> bool:
+    return OmegaConf.select(block, "offload_optimizer.device", default="none") not in ("none", None)
+
+
+def roles(cfg: DictConfig, first: str, *others: str, notes: list[str]) -> None:
+    """Trained models of a method with several (step.actor, step.critic): each block has the same keys (zero, lr,
+    weight_decay, lora_r, gradient_checkpointing). The first role's zero defaults to the run's `zero` (and the run's
+    `zero` becomes it); a later role's zero and lora_r default to the first role's."""
+    step = cfg.step
+    for i, role in enumerate((first, *others)):
+        block, key = step[role], f"step.{role}"
+        if block.get("zero") is None:
+            source = cfg.zero if i == 0 else step[first].zero
+            OmegaConf.update(cfg, f"{key}.zero", OmegaConf.to_container(source), force_add=True)
+            if i:
+                notes.append(
+                    f"the {role} uses the {first}'s ZeRO stage {source.stage} (zero@{key}.zero=... sets its own)"
+                )
+        zero(block.zero, f"{key}.zero")
+        if i == 0:
+            cfg.zero = OmegaConf.to_container(block.zero)  # the run's ZeRO is the first role's (plans, reports)
+        if block.get("lora_r") is None:
+            block.lora_r = step[first].lora_r if i else cfg.lora.r
+        positive(cfg, f"{key}.lr")
+        non_negative(cfg, f"{key}.weight_decay")
+        if not isinstance(block.lora_r, int) or block.lora_r < 0:
+            raise ConfigError(f"{key}.lora_r", f"must be a non-negative integer (0 = off), got {block.lora_r!r}")
+        if cfg.optimizer.impl == "torch" and offloads_optimizer(block.zero):
+            raise ConfigError(
+                "optimizer.impl",
+                f"the {role}'s ZeRO-Offload needs DeepSpeed's CPU Adam",
+                "use optimizer.impl=deepspeed",
+            )
+
+
+def source(step_key: str, value: str, kinds: tuple[str, ...], what: str, example: str, pending: bool) -> str:
+    """A model another run produced (an export) or a hub id (not checked offline): returns it resolved."""
+    if not is_local_path(value):
+        return value
+    path = local(value)
+    if pending and not path.exists():  # an earlier stage of this pipeline writes it
+        return str(path.resolve())
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            step_key,
+            f"{value!r} is not a model directory (no config.json); it must hold {what}",
+            f"point it at {example}",
+        )
+    kind = export_kind(path)
+    if kinds and kind not in kinds:
+        raise ConfigError(
+            step_key,
+            f"{value!r} holds {'a ' + kind if kind else 'an unknown kind of model'}, but it must hold {what}",
+            f"point it at {example}",
+        )
+    return str(path.resolve())
+
+
+def same_tokenizers(cfg: DictConfig, keys: tuple[str, ...]) -> None:
+    """Models of one method that read each other's tokens (actor, critic, reward model) must share a tokenizer."""
+    from runner import modeling
+
+    step = cfg.step
+    present = [
+        k
+        for k in keys
+        if step.get(k) and is_local_path(str(step[k])) and (Path(str(step[k])) / "tokenizer_config.json").is_file()
+    ]
+    prints = {}
+    for key in present:
+        tok = modeling.load_tokenizer(OmegaConf.create({"tokenizer": str(step[key])}), key=f"step.{key}")
+        prints[key] = modeling.tokenizer_fingerprint(tok)
+    for key in present[1:]:
+        if prints[key] != prints[present[0]]:
+            raise ConfigError(
+                f"step.{key}",
+                f"its tokenizer ({step[key]}) differs from the one of "
+                f"step.{present[0]} ({step[present[0]]}): one model would read other tokens than the "
+                "other writes",
+                "train every model with the same tokenizer (the same model.tokenizer in every stage)",
+            )
+
+
+def lengths(cfg: DictConfig, positions: int | None, notes: list[str], default: int = 256) -> None:
+    """step.max_prompt_len and step.generation.max_new_tokens of a method that generates: `auto` is DeepSpeed-Chat's
+    256 each, capped to fit the model's positions (half for the prompt); prompt + answer must fit them."""
+    step = cfg.step
+    if step.max_prompt_len == "auto":
+        step.max_prompt_len = min(default, positions // 2) if positions else default
+        if positions and step.max_prompt_len < default:
+            notes.append(f"step.max_prompt_len=auto: {step.max_prompt_len} (half of the model's {positions} positions)")
+    positive_int(cfg, "step.max_prompt_len")
+    gen = step.generation
+    if gen.max_new_tokens == "auto":
+        gen.max_new_tokens = min(default, positions - step.max_prompt_len) if positions else default
+        if positions and gen.max_new_tokens < default:
+            notes.append(
+                f"step.generation.max_new_tokens=auto: {gen.max_new_tokens} (the model's {positions} "
+                f"positions minus step.max_prompt_len)"
+            )
+    positive_int(cfg, "step.generation.max_new_tokens")
+    total = int(step.max_prompt_len) + int(gen.max_new_tokens)
+    if positions and total > positions:
+        raise ConfigError(
+            "step.max_prompt_len",
+            f"prompt ({step.max_prompt_len}) + answer "
+            f"(step.generation.max_new_tokens={gen.max_new_tokens}) = {total} tokens, more than the "
+            f"model's {positions} positions",
+            f"make step.max_prompt_len + step.generation.max_new_tokens at most {positions} (or leave both auto)",
+        )

@@ -1,0 +1,144 @@
+"""Where a run's ranks go: the hardware it plans for, and the deployment's world size, nodes and launcher settings
+(every `auto` resolved)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from omegaconf import DictConfig, OmegaConf
+
+from runner.driver import launch
+from runner.errors import ConfigError
+
+
+@dataclasses.dataclass
+class Hardware:
+    cuda_devices: int
+    bf16: bool
+    cpus: int
+
+    @staticmethod
+    def detect() -> Hardware:
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return Hardware(cuda_devices=n, bf16=bool(n) and torch.cuda.is_bf16_supported(), cpus=launch.cpu_count())
+
+
+def resolve_deployment(cfg: DictConfig, hw: Hardware, dry_run: bool, notes: list[str]) -> tuple[int, dict[str, int]]:
+    dep = cfg.deployment
+    if dep.name == "auto":
+        dep.name = "single_node" if hw.cuda_devices else "cpu"
+        dep.launcher = "deepspeed"
+        notes.append(f"deployment=auto chose {dep.name} ({hw.cuda_devices} GPUs visible)")
+        if dep.name == "cpu":
+            dep.master_addr = "127.0.0.1"
+    if dep.accelerator == "auto":
+        dep.accelerator = "cuda" if hw.cuda_devices else "cpu"
+    if dep.accelerator not in ("cpu", "cuda"):
+        raise ConfigError("deployment.accelerator", f"unknown accelerator {dep.accelerator!r}", "use cpu or cuda")
+
+    if dep.name == "slurm":  # inside the allocation: its nodes; planning outside it: the configured count
+        nodelist = os.environ.get("SLURM_JOB_NODELIST")
+        hosts = launch.slurm_hostnames(nodelist) if nodelist else []
+        if hosts:
+            dep.nnodes = int(os.environ.get("SLURM_NNODES", len(hosts)))
+            dep.rdzv_id = os.environ.get("SLURM_JOB_ID", dep.rdzv_id)
+        elif not dry_run:
+            raise ConfigError(
+                "deployment",
+                "deployment=slurm runs inside a SLURM allocation (submitted by Hydra's "
+                "submitit launcher), and this process is not in one",
+                "run it without hydra/launcher=basic, or use deployment=torchrun / multi_node on this machine",
+            )
+        if dep.rdzv_endpoint == "auto":
+            dep.rdzv_endpoint = f"{hosts[0] if hosts else 'FIRST_NODE'}:{dep.rdzv_port}"
+            if not hosts:
+                notes.append(
+                    "deployment=slurm: the rendezvous host is the allocation's first node, known once the "
+                    "job runs (FIRST_NODE in the command below)"
+                )
+    if dep.name == "multi_node":
+        hostfile = dep.hostfile
+        if os.path.exists(hostfile):
+            slots = launch.active_slots(dep, launch.parse_hostfile(hostfile))
+            nodes = {h: len(s) for h, s in slots.items()}
+        elif dry_run:
+            nodes = {f"node{i}": int(dep.plan_gpus_per_node) for i in range(int(dep.plan_nodes))}
+            notes.append(
+                f"hostfile {hostfile} is not on this machine: the plan assumes {dep.plan_nodes} nodes x "
+                f"{dep.plan_gpus_per_node} GPUs (deployment.plan_nodes, deployment.plan_gpus_per_node)"
+            )
+        else:
+            raise ConfigError(
+                "deployment.hostfile",
+                f"hostfile {hostfile!r} does not exist",
+                "write one line per node (`worker-1 slots=8`) and pass deployment.hostfile=PATH",
+            )
+        if dep.nproc_per_node == "auto":
+            dep.nproc_per_node = max(nodes.values())
+        return sum(nodes.values()), nodes
+
+    if dep.nproc_per_node == "auto":
+        if dep.accelerator == "cpu":
+            dep.nproc_per_node = 1
+        elif hw.cuda_devices:
+            dep.nproc_per_node = hw.cuda_devices
+            if dep.launcher == "deepspeed":
+                OmegaConf.update(dep, "all_visible", True, force_add=True)
+        elif dry_run:
+            dep.nproc_per_node = int(dep.plan_gpus_per_node)
+            notes.append(
+                f"no GPU is visible here: the plan assumes {dep.nproc_per_node} GPUs per node "
+                "(deployment.plan_gpus_per_node)"
+            )
+        else:
+            raise ConfigError(
+                "deployment",
+                f"deployment={dep.name} needs CUDA GPUs and none is visible",
+                "use deployment=cpu on this machine",
+            )
+    if dep.get("include"):  # deepspeed --include localhost:0,2
+        host, _, slots = str(dep.include).partition(":")
+        if host != "localhost" or not slots:
+            raise ConfigError(
+                "deployment.include",
+                f"on one node, include must be localhost:SLOTS, got {dep.include!r}",
+                "e.g. deployment.include=localhost:0,2",
+            )
+        dep.nproc_per_node = len(slots.split(","))
+    nproc = dep.nproc_per_node
+    if not isinstance(nproc, int) or nproc < 1:
+        raise ConfigError("deployment.nproc_per_node", f"must be a positive integer, got {nproc!r}")
+    if not dry_run:
+        if dep.accelerator == "cuda" and not hw.cuda_devices:
+            raise ConfigError(
+                "deployment",
+                f"deployment={dep.name} needs CUDA GPUs and none is visible",
+                "use deployment=cpu on this machine (or dry_run=true to plan for GPUs)",
+            )
+        if dep.accelerator == "cuda" and nproc > hw.cuda_devices:
+            raise ConfigError(
+                "deployment.nproc_per_node",
+                f"{nproc} ranks need {nproc} GPUs, but {hw.cuda_devices} are visible",
+                f"set deployment.nproc_per_node to at most {hw.cuda_devices}, or use deployment=cpu",
+            )
+        if dep.accelerator == "cpu" and nproc > hw.cpus:
+            raise ConfigError(
+                "deployment.nproc_per_node",
+                f"{nproc} CPU ranks on {hw.cpus} cores",
+                f"set deployment.nproc_per_node to at most {hw.cpus}",
+            )
+    nnodes = int(dep.get("nnodes", 1))
+    if nnodes > 1 and not dep.get("rdzv_endpoint"):
+        raise ConfigError(
+            "deployment.rdzv_endpoint",
+            f"nnodes={nnodes} needs a rendezvous endpoint",
+            "set deployment.rdzv_endpoint=HOST:PORT (the same on every node)",
+        )
+    if dep.threads_per_rank == "auto":
+        dep.threads_per_rank = max(1, hw.cpus // nproc) if dep.accelerator == "cpu" else None
+    if dep.master_port == "auto":
+        dep.master_port = launch.free_port()
+    return nnodes * nproc, {f"node{i}": nproc for i in range(nnodes)}

@@ -1,0 +1,152 @@
+"""The DeepSpeed JSON, built by one pure function from the resolved config.
+
+Every key traces to its source in one hop:
+
+    train_batch_size                 = train.micro_batch_size × train.gradient_accumulation_steps × world_size
+    train_micro_batch_size_per_gpu   = train.micro_batch_size
+    gradient_accumulation_steps      = train.gradient_accumulation_steps
+    gradient_clipping                = train.gradient_clipping
+    steps_per_print                  = train.steps_per_print
+    wall_clock_breakdown             = train.wall_clock_breakdown
+    zero_optimization                = zero.*              (DeepSpeed's own key names, copied as they are)
+    fp16 / bf16                      = precision.*
+    optimizer                        = optimizer.*         (only when optimizer.impl == deepspeed)
+    scheduler                        = scheduler.* and the run's total optimizer steps
+    tensorboard / wandb / csv_monitor = logger.*
+    anything else                    = ds.*                (the escape hatch, merged last)
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+SCHEDULERS = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
+
+
+def warmup_steps(scheduler: DictConfig, total_steps: int) -> int:
+    if scheduler.warmup_steps:
+        return int(scheduler.warmup_steps)
+    return int(round(float(scheduler.warmup_ratio) * total_steps))
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def build_ds_config(cfg: DictConfig, world_size: int, total_steps: int, run_dir: str) -> dict[str, Any]:
+    """The complete DeepSpeed config for the training engine of a resolved run config.
+
+    `cfg` must be resolved (no `auto` left in precision, optimizer.impl or gradient_accumulation_steps):
+    runner.plan does that before calling this.
+    """
+    train = cfg.train
+    micro, gas = int(train.micro_batch_size), int(train.gradient_accumulation_steps)
+    ds: dict[str, Any] = {
+        "train_batch_size": micro * gas * world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": float(train.gradient_clipping),
+        "steps_per_print": int(train.steps_per_print),
+        "wall_clock_breakdown": bool(train.wall_clock_breakdown),
+        "zero_optimization": OmegaConf.to_container(cfg.zero, resolve=True),
+    }
+
+    precision = cfg.precision
+    if precision.dtype == "fp16":
+        ds["fp16"] = {
+            "enabled": True,
+            "auto_cast": False,
+            "loss_scale": precision.loss_scale,
+            "initial_scale_power": precision.initial_scale_power,
+            "loss_scale_window": precision.loss_scale_window,
+            "hysteresis": precision.hysteresis,
+            "min_loss_scale": precision.min_loss_scale,
+        }
+    elif precision.dtype == "bf16":
+        ds["bf16"] = {"enabled": True}
+    else:  # fp32
+        ds["fp16"] = {"enabled": False}
+        ds["bf16"] = {"enabled": False}
+
+    opt = cfg.optimizer
+    if opt.impl == "deepspeed":
+        ds["optimizer"] = {
+            "type": opt.name,
+            "params": {
+                "lr": float(opt.lr),
+                "betas": list(opt.betas),
+                "eps": float(opt.eps),
+                "weight_decay": float(opt.weight_decay),
+            },
+        }
+
+    sched = cfg.scheduler
+    warmup = warmup_steps(sched, total_steps)
+    lr = float(opt.lr)
+    if sched.name == "cosine":
+        # DeepSpeed needs warmup_num_steps >= 1; with no warmup a min ratio of 1 makes that step run at full lr.
+        params = {
+            "total_num_steps": total_steps,
+            "warmup_num_steps": max(1, warmup),
+            "warmup_min_ratio": 0.0 if warmup else 1.0,
+            "cos_min_ratio": float(sched.min_lr_ratio),
+            "warmup_type": "linear",
+        }
+    elif sched.name == "linear":
+        # WarmupDecayLR decays to warmup_min_lr, so it must be 0 (with no warmup DeepSpeed still ramps 2 steps)
+        params = {
+            "total_num_steps": total_steps,
+            "warmup_min_lr": 0.0,
+            "warmup_max_lr": lr,
+            "warmup_num_steps": max(1, warmup),
+            "warmup_type": "linear",
+        }
+    else:
+        params = {
+            "warmup_min_lr": 0.0 if warmup else lr,
+            "warmup_max_lr": lr,
+            "warmup_num_steps": max(1, warmup),
+            "warmup_type": "linear",
+        }
+    ds["scheduler"] = {"type": SCHEDULERS[sched.name], "params": params}
+
+    logger = cfg.logger
+    if logger.name == "tensorboard":
+        ds["tensorboard"] = {"enabled": True, "output_path": f"{run_dir}/tensorboard", "job_name": logger.job_name}
+    elif logger.name == "csv":
+        ds["csv_monitor"] = {"enabled": True, "output_path": f"{run_dir}/csv", "job_name": logger.job_name}
+    elif logger.name == "wandb":
+        ds["wandb"] = {"enabled": True, "project": logger.project, "team": logger.team, "group": logger.group}
+
+    extra = OmegaConf.to_container(cfg.ds, resolve=True) if cfg.get("ds") else {}
+    return _deep_merge(ds, copy.deepcopy(extra))
+
+
+def inference_config(cfg: DictConfig, world_size: int, micro: int, stage: int, offload: bool) -> dict[str, Any]:
+    """A frozen model's engine (a reference, a reward model): no optimizer, no scheduler; ZeRO-3 partitions it where
+    the engine it mirrors is ZeRO-3, and its weights live on the CPU when offloaded (which needs ZeRO-3)."""
+    zero: dict[str, Any] = {"stage": 3 if (stage == 3 or offload) else 0}
+    if zero["stage"] == 3:
+        zero["stage3_param_persistence_threshold"] = 10000
+        if offload:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.deployment.accelerator == "cuda"}
+    ds: dict[str, Any] = {
+        "train_batch_size": micro * world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "steps_per_print": int(cfg.train.steps_per_print),
+        "wall_clock_breakdown": False,
+        "zero_optimization": zero,
+    }
+    dtype = cfg.precision.dtype
+    ds["fp16"] = {"enabled": dtype == "fp16"}
+    ds["bf16"] = {"enabled": dtype == "bf16"}
+    return ds

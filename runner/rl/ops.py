@@ -1,0 +1,39 @@
+"""Tensor operations the RL arithmetic shares. Shapes: B sequences, T tokens; L = T - 1 (position t scores the
+token at t+1). A (B, L) 0/1 `mask` marks the answer's tokens (the actions)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return (x * mask).sum(dim)
+
+
+def logprobs_of(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(token t+1 | tokens <= t) for t = 0..T-2: (B, T, V) logits, (B, T) ids -> (B, T-1)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_of(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each next-token distribution: (B, T, V) -> (B, T-1)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row of a (B, L) 0/1 mask (0 for an empty row)."""
+    positions = torch.arange(mask.size(1), device=mask.device).expand_as(mask)
+    return (positions * mask.long()).max(dim=1).values
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; zero outside the mask."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask

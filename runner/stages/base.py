@@ -1,0 +1,75 @@
+"""What the driver knows about a training method: one `Method` per `runner/stages/<name>/` package.
+
+The driver, the planner, the data layer, the DeepSpeed-JSON builder and the pipeline call these hooks and never name a
+method. A method overrides what differs from a supervised stage that trains one model:
+
+    name      the `step=` value (and the folder)
+    data      which rows it reads and how they are tokenised: "sft" (prompt + target), "pairs" (prompt, chosen,
+              rejected) or "prompts" (prompt, plus the row's extra fields), see runner.data.kinds
+    shares    the data.split keys it reads, the first present wins (DPO reads "dpo", else the reward share)
+    sources   models it reads from earlier runs (step keys such as actor_from), checked and wired by the pipeline
+    exports   export directory -> kind of model it holds (causal_lm, reward_model, critic)
+    recipe    "module:function" that every rank runs
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import ClassVar
+
+from omegaconf import DictConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A model a method starts from or reads: an earlier run's export, named by `step.<key>`."""
+
+    key: str  # step key, e.g. "actor_from"
+    kinds: tuple[str, ...]  # export kinds accepted (runner.paths.export_kind)
+    what: str  # "a causal LM (an SFT export)"
+    example: str  # where such a directory comes from
+    trains: bool = False  # the trained model starts from it: model.path and model.tokenizer follow it
+    optional: bool = False  # a pipeline wires it only with step.init_from_previous=true
+
+
+class Method:
+    name: ClassVar[str]
+    data: ClassVar[str] = "sft"
+    shares: ClassVar[tuple[str, ...]] = ()
+    sources: ClassVar[tuple[Source, ...]] = ()
+    exports: ClassVar[dict[str, str]] = {"export": "causal_lm"}
+    recipe: ClassVar[str]
+    max_len_key: ClassVar[str] = "data.max_seq_len"  # the key that bounds a tokenised sample (see max_len)
+
+    def share_keys(self) -> tuple[str, ...]:
+        return self.shares or (self.name,)
+
+    def validate(self, cfg: DictConfig, notes: list[str]) -> None:
+        """Check and resolve the method's own keys (cfg.step and what it implies). Raise ConfigError."""
+
+    def check_sources(self, cfg: DictConfig) -> None:
+        """Deeper checks of the models it reads, once they exist (e.g. that their tokenizers agree)."""
+
+    def max_len(self, cfg: DictConfig) -> int:
+        """The longest tokenised sample (prompt only, for methods that generate answers)."""
+        return int(cfg.data.max_seq_len)
+
+    def step_samples(self, cfg: DictConfig, world: int) -> tuple[int, str, str]:
+        """Samples one optimizer step consumes, the key to name when the data holds fewer, and how it is made up."""
+        train = cfg.train
+        return (
+            int(train.micro_batch_size) * world * int(train.gradient_accumulation_steps),
+            "train.micro_batch_size",
+            "micro_batch_size × world size × gradient_accumulation_steps",
+        )
+
+    def prepare_extra(self, cfg: DictConfig, tokenizer, cache_root: Path) -> dict | None:
+        """Data beside the stage's rows (PPO's pretraining mixture), prepared by the driver; recorded in runtime."""
+        return None
+
+    def engine_configs(self, cfg: DictConfig, world: int, total_steps: int, run_dir: str) -> dict[str, dict]:
+        """Every DeepSpeed engine's JSON: "" is the trained model's (ds_config.json), others ds_config.<name>.json."""
+        from runner.driver.ds_config import build_ds_config
+
+        return {"": build_ds_config(cfg, world, total_steps, run_dir)}

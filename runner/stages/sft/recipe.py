@@ -1,0 +1,67 @@
+"""SFT on the ranks: the loss is on the response tokens only unless step.train_on_prompt; batches are padded to
+their longest sample. Evaluation: loss and perplexity on the eval split. Export: a Hugging Face causal LM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from runner import modeling
+from runner.data import batches
+from runner.data.prepare import load_prepared
+from runner.train import checkpoint, engine as eng, loop
+from runner.train.engine import Dist
+
+
+def run(cfg: DictConfig, run_dir: Path, dist: Dist) -> None:
+    # 1. data and the model's engine
+    eng.seed_everything(int(cfg.seed))
+    tokenizer = modeling.load_tokenizer(cfg.model)
+    train_set, eval_set = load_prepared(cfg.runtime.data.paths.train), load_prepared(cfg.runtime.data.paths.eval)
+    collate = batches.CausalLMCollator(tokenizer.pad_token_id, train_on_prompt=bool(cfg.step.train_on_prompt))
+    ds_config = eng.ds_config(run_dir)
+    model = modeling.load_causal_lm(
+        cfg.model, ds_config, cfg.precision.dtype, cfg.train.gradient_checkpointing, cfg.lora, cfg.lora.r
+    )
+    engine = eng.initialize(model, cfg.optimizer, ds_config)
+
+    # 2. the loss, the evaluation and the export
+    def loss(batch: dict):
+        return engine(**batch).loss, {}
+
+    def token_loss_sums(batch: dict) -> dict[str, float]:
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        summed = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)),
+            labels.reshape(-1),
+            ignore_index=batches.IGNORE,
+            reduction="sum",
+        )
+        return {"loss_sum": float(summed), "tokens": float((labels != batches.IGNORE).sum())}
+
+    def evaluate() -> dict:
+        sums = loop.evaluate_batches(
+            engine,
+            eval_set,
+            collate,
+            int(cfg.train.micro_batch_size),
+            dist,
+            cfg.train.eval_max_batches,
+            token_loss_sums,
+        )
+        mean = sums["loss_sum"] / max(sums["tokens"], 1)
+        return {"loss": mean, "perplexity": loop.perplexity(mean), "tokens": int(sums["tokens"])}
+
+    def export(run_dir: Path) -> dict:
+        return checkpoint.export_model(engine, tokenizer, run_dir, dist, cfg, {"kind": "causal_lm", "stage": "sft"})
+
+    # 3. the shared loop
+    loop.run(
+        loop.Supervised("sft", engine, loss, evaluate, export, train_set, collate, cfg, dist, objective="loss"),
+        cfg,
+        run_dir,
+        dist,
+    )

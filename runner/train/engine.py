@@ -1,0 +1,156 @@
+"""Distributed set-up and DeepSpeed engines: one call per engine, the same for every stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(threads: int | None) -> Dist:
+    """Join the process group the launcher set up (RANK, WORLD_SIZE, MASTER_ADDR, ... in the environment)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    for key, default in (
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29500"),
+    ):
+        os.environ.setdefault(key, default)  # a plain `python -m runner.worker DIR` runs as a single rank
+    deepspeed.init_distributed()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    accel = get_accelerator()
+    if accel.device_name() == "cuda":
+        accel.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return Dist(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]), local_rank=local_rank, device=device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def param_groups(model: torch.nn.Module, optimizer: DictConfig) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if any(nd in name for nd in optimizer.no_decay) else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": float(optimizer.weight_decay)},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def initialize(model: torch.nn.Module, optimizer: DictConfig, ds_config: dict):
+    """deepspeed.initialize with the optimizer from the JSON (impl=deepspeed) or a client torch AdamW (impl=torch);
+    the LR schedule always comes from the JSON's scheduler block."""
+    import deepspeed
+
+    groups = param_groups(model, optimizer)
+    client = None
+    if optimizer.impl == "torch":
+        client = torch.optim.AdamW(
+            groups, lr=float(optimizer.lr), betas=tuple(optimizer.betas), eps=float(optimizer.eps)
+        )
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=client, model_parameters=None if client else groups, config=ds_config
+    )
+    return engine
+
+
+def initialize_frozen(model: torch.nn.Module, ds_config: dict):
+    """An inference engine for a frozen model (PPO's reference and reward model): no optimizer, eval mode, no
+    gradients; ZeRO-3 (and parameter offload) as its JSON says."""
+    import deepspeed
+
+    for p in model.parameters():
+        p.requires_grad = False
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine
+
+
+def grad_norm(engine) -> float | None:
+    """The global gradient norm before clipping, where DeepSpeed does not record it itself: a plain optimizer at
+    ZeRO stage 0, whose module holds every (already all-reduced, unscaled) gradient at the accumulation boundary.
+    DeepSpeed's own wrappers (ZeRO, fp16/bf16 optimizers) record it: None, and the caller reads
+    engine.get_global_grad_norm() after the step (fp16 gradients in .grad are loss-scaled)."""
+    if engine.zero_optimization_stage() != 0 or hasattr(engine.optimizer, "_global_grad_norm"):
+        return None
+    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    import deepspeed.comm as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def gather_objects(obj, world: int) -> list:
+    import deepspeed.comm as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def ds_config(run_dir: Path, name: str = "") -> dict:
+    """The DeepSpeed JSON the driver wrote for one engine: ds_config.json (the trained model's) or
+    ds_config.<name>.json."""
+    return json.loads((run_dir / (f"ds_config.{name}.json" if name else "ds_config.json")).read_text())
+
+
+def now(device: torch.device) -> float:
+    """Wall-clock time once the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def local_partition_numel(engine, dist: Dist) -> list[int] | None:
+    """Under ZeRO-3, the parameter elements each rank holds: evidence that parameters really are sharded."""
+    if not engine.zero_optimization_partition_weights():
+        return None
+    local = sum(p.ds_tensor.numel() for p in engine.module.parameters() if hasattr(p, "ds_tensor"))
+    return gather_objects(int(local), dist.world)

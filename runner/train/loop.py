@@ -1,0 +1,287 @@
+"""The training loop every method shares: steps, logging, evaluation, checkpoints, resume, early stop, exports and
+the summary. A method hands it a task (the `Task` protocol below): its engines, one training step, an evaluation, an
+export, and the state it must carry across a resume. `Supervised` is the task of every method that trains on a
+per-batch loss (SFT, reward model, DPO); on-policy methods (PPO) implement `train_step` as rollout → experience →
+update.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from runner.data import batches as data_batches
+from runner.train import checkpoint, engine as eng, metrics as run_metrics
+from runner.train.engine import Dist
+from runner.train.metrics import Metrics, Throughput
+
+
+class Task(Protocol):
+    name: str
+    engines: dict  # the trained engines, checkpointed under one tag; the first is the run's main one
+    objective: str  # eval metric reported as the run's objective
+    headline: str  # train metric whose first and last values the summary reports
+    best: str | None  # eval metric whose best value keeps checkpoints/best (None: no best checkpoint)
+    best_mode: str  # max | min
+    evaluate_first: bool  # evaluate before the first step (step 0: the starting model)
+
+    def train_step(self, step: int, log: bool) -> dict | None: ...  # -> metrics to log when `log`
+    def evaluate(self) -> dict: ...  # every rank calls it
+    def export(self, run_dir: Path) -> dict[str, Path]: ...  # every rank calls it
+    def state_dict(self) -> dict: ...  # the same on every rank
+    def load_state_dict(self, state: dict) -> None: ...
+    def rank_state_dict(self) -> dict: ...  # this rank's own (e.g. an EMA partition)
+    def load_rank_state_dict(self, state: dict) -> None: ...
+    def reset_interval(self) -> None: ...  # throughput restarts (after eval / save)
+    def summary(self) -> dict: ...  # the method's own summary keys
+    def notes(self) -> list[str]: ...  # lines for the console once it starts
+
+
+def run(task: Task, cfg: DictConfig, run_dir: Path, dist: Dist) -> dict | None:
+    train_cfg, total = cfg.train, int(cfg.runtime.total_steps)
+    loop = {"step": 0, "best": None, "eval_initial": None, "eval_last": None}
+    if cfg.resume:
+        state, rank_state = checkpoint.load(task.engines, run_dir, dist)
+        loop.update(state["loop"])
+        task.load_state_dict(state["task"])
+        task.load_rank_state_dict(rank_state)
+    main = next(iter(task.engines.values()))
+    metrics = Metrics(run_dir, main, dist, cfg, total, loop["step"])
+    if dist.main:
+        for note in task.notes() + _wandb_note(cfg):
+            metrics.bar.write(note)
+
+    def save(step: int, keep_last: int, tag: str | None = None) -> None:
+        checkpoint.save(
+            task.engines,
+            run_dir,
+            step,
+            {"loop": loop, "task": task.state_dict()},
+            task.rank_state_dict(),
+            keep_last,
+            dist,
+            tag=tag,
+        )
+
+    if task.evaluate_first and loop["eval_initial"] is None:
+        loop["eval_initial"] = loop["eval_last"] = task.evaluate()  # the starting model, before any step
+        metrics.log(0, loop["eval_initial"], prefix="eval")
+    started, step = time.time(), loop["step"]
+    stop_at = int(train_cfg.stop_at_step or total)
+    log_every, eval_every, save_every = int(train_cfg.log_every), int(train_cfg.eval_every), int(train_cfg.save_every)
+    while step < min(total, stop_at):
+        log = (step + 1) % log_every == 0 or step + 1 in (total, stop_at)
+        values = task.train_step(step + 1, log)
+        step += 1
+        loop["step"] = step
+        metrics.advance()
+        if log:
+            metrics.log(step, values)
+
+        new_best, paused = False, False
+        if (eval_every and step % eval_every == 0) or step == total:
+            paused = True
+            loop["eval_last"] = task.evaluate()
+            metrics.log(step, loop["eval_last"], prefix="eval")
+            if task.best:
+                value, best = loop["eval_last"][task.best], loop["best"]
+                new_best = best is None or (value > best if task.best_mode == "max" else value < best)
+                if new_best:
+                    loop["best"] = value
+        if (save_every and step % save_every == 0) or step in (total, stop_at):
+            paused = True
+            save(step, int(train_cfg.keep_last))
+        if new_best:
+            save(step, 0, tag="best")
+        if paused:  # evaluation and checkpoint time is not training throughput
+            task.reset_interval()
+
+    if step < total:  # stopped on purpose (train.stop_at_step): checkpoint saved, resume continues
+        metrics.close(None)
+        if dist.main:
+            print(
+                f"stopped at step {step} of {total} (train.stop_at_step); continue with "
+                f"`python -m runner resume={run_dir} train.stop_at_step=null`"
+            )
+        return None
+
+    exports = task.export(run_dir) if train_cfg.export else {}
+    headline = run_metrics.read(run_dir, f"train/{task.headline}") if dist.main else []
+    last = loop["eval_last"] or {}
+    partitions = {name: eng.local_partition_numel(e, dist) for name, e in task.engines.items()}
+    summary = {
+        "stage": task.name,
+        "steps": step,
+        "world_size": dist.world,
+        "wall_time_s": time.time() - started,
+        f"train_{task.headline}_first": headline[0] if headline else None,
+        f"train_{task.headline}_last": headline[-1] if headline else None,
+        **{f"eval_{k}": v for k, v in last.items()},
+        "objective": last.get(task.objective),
+        "objective_name": task.objective,
+        "best": {task.best: loop["best"]} if task.best else None,
+        "peak_memory_mb": eng.gather_objects(round(eng.peak_memory_mb(dist.device), 1), dist.world),
+        "data": OmegaConf.to_container(cfg.runtime.data.stats) if cfg.runtime.data else None,
+        **task.summary(),
+        **{k: str(v) for k, v in exports.items()},
+        "zero_partitioned_numel": partitions.popitem()[1] if len(partitions) == 1 else partitions,
+    }
+    if task.evaluate_first:  # a policy's held-out reward before training and after it
+        initial, final = loop["eval_initial"][task.objective], last[task.objective]
+        summary.update(eval_reward_initial=initial, eval_reward_final=final, eval_reward_gain=final - initial)
+    metrics.close(summary)
+    return summary
+
+
+def _wandb_note(cfg: DictConfig) -> list[str]:
+    mode = os.environ.get("WANDB_MODE") if cfg.logger.name == "wandb" else None  # set by the worker
+    if not mode:
+        return []
+    return [
+        f"wandb: logging {mode}" + (" (no API key configured; `wandb sync` uploads later)" if mode == "offline" else "")
+    ]
+
+
+# ------------------------------------------------------------------------------------------ supervised methods
+class Supervised:
+    """A task trained on a per-batch loss over a tokenised data set: gradient accumulation over
+    train.gradient_accumulation_steps micro-batches, losses and throughput averaged over each logging interval."""
+
+    evaluate_first = False
+
+    def __init__(
+        self,
+        name: str,
+        engine,
+        loss: Callable[[dict], tuple[torch.Tensor, dict]],
+        evaluate: Callable[[], dict],
+        export: Callable[[Path], dict],
+        train_set,
+        collate,
+        cfg: DictConfig,
+        dist: Dist,
+        objective: str,
+        best: str | None = None,
+        best_mode: str = "max",
+    ):
+        self.name, self.engine, self.loss, self._evaluate, self._export = name, engine, loss, evaluate, export
+        self.engines = {"model": engine}
+        self.train_set, self.collate, self.dist = train_set, collate, dist
+        self.objective, self.best, self.best_mode, self.headline = objective, best, best_mode, "loss"
+        self.gas = int(cfg.train.gradient_accumulation_steps)
+        self.cursor = data_batches.Cursor(
+            len(train_set), int(cfg.train.micro_batch_size), dist.world, dist.rank, int(cfg.seed), group=self.gas
+        )
+        self.tokens = 0
+        self.speed, self.losses, self.extras = Throughput(), [], {}
+
+    def train_step(self, step: int, log: bool) -> dict | None:
+        grad_norm = None
+        for micro_step in range(self.gas):
+            batch = to_device(self.collate([self.train_set[i] for i in self.cursor.next()]), self.dist.device)
+            loss, extra = self.loss(batch)
+            self.engine.backward(loss)
+            if log and micro_step == self.gas - 1:
+                grad_norm = eng.grad_norm(self.engine)
+            self.engine.step()
+            self.speed.add(batch)
+            self.losses.append(float(loss.detach()))
+            for k, v in extra.items():
+                self.extras.setdefault(k, []).append(float(v))
+        return self._interval(grad_norm) if log else None
+
+    def _interval(self, grad_norm: float | None) -> dict:
+        """Means over the logging interval (all ranks), then a new interval."""
+        dist, speed = self.dist, self.speed
+        means = [sum(self.losses) / len(self.losses)] + [sum(v) / len(v) for v in self.extras.values()]
+        reduced = eng.all_reduce_sum(means + [speed.tokens, speed.padded, speed.samples], dist.device)
+        tokens, padded, samples = reduced[-3:]
+        elapsed = max(time.perf_counter() - speed.start, 1e-9)
+        self.tokens += int(tokens)
+        values = {
+            "loss": reduced[0] / dist.world,
+            **{k: v / dist.world for k, v in zip(self.extras, reduced[1 : len(means)])},
+            "lr": self.engine.get_lr()[0],
+            "grad_norm": _float(grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()),
+            "tokens_per_s": tokens / elapsed,
+            "samples_per_s": samples / elapsed,
+            "padding_share": 1 - tokens / max(padded, 1),
+            "epoch": self.cursor.epoch,
+            "peak_memory_mb": eng.gather_objects(round(eng.peak_memory_mb(dist.device), 1), dist.world),
+        }
+        self.losses.clear()
+        self.extras.clear()
+        speed.reset()
+        return values
+
+    def evaluate(self) -> dict:
+        return self._evaluate()
+
+    def export(self, run_dir: Path) -> dict[str, Path]:
+        return self._export(run_dir)
+
+    def state_dict(self) -> dict:
+        return {"data": self.cursor.state_dict(), "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor.load_state_dict(state["data"])
+        self.tokens = state["tokens"]
+
+    def rank_state_dict(self) -> dict:
+        return {}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        pass
+
+    def reset_interval(self) -> None:
+        self.speed.reset()
+
+    def summary(self) -> dict:
+        return {"epochs_started": self.cursor.epoch + 1, "tokens_trained": self.tokens}
+
+    def notes(self) -> list[str]:
+        return []
+
+
+def _float(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def evaluate_batches(
+    engine, dataset, collate, micro: int, dist: Dist, max_batches: int | None, fn: Callable[[dict], dict[str, float]]
+) -> dict[str, float]:
+    """Run `fn` (batch -> sums) over this rank's share of `dataset` and all-reduce the sums. Every rank runs the
+    same number of forward passes, as ZeRO-3 gathers parameters collectively."""
+    engine.eval()
+    batches = data_batches.eval_batches(len(dataset), micro, dist.world, dist.rank)
+    if max_batches:
+        batches = batches[:max_batches]
+    longest = max(eng.gather_objects(len(batches), dist.world))
+    sums: dict[str, float] = {}
+    with torch.no_grad():
+        for i in range(longest):
+            idx = batches[i] if i < len(batches) else (batches[0] if batches else [0])
+            out = fn(to_device(collate([dataset[j] for j in idx]), dist.device))
+            if i < len(batches):
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+    keys = sorted(sums) if sums else []
+    keys = eng.gather_objects(keys, dist.world)[0]  # rank 0's keys (every rank with data has the same)
+    reduced = eng.all_reduce_sum([sums.get(k, 0.0) for k in keys], dist.device)
+    engine.train()
+    return dict(zip(keys, reduced))
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))

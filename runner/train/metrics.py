@@ -1,0 +1,106 @@
+"""Metrics: metrics.jsonl and summary.json in the run directory, a progress bar on rank 0, and the run's trackers
+(TensorBoard / wandb / CSV) through DeepSpeed's own monitor, configured by the JSON's monitor blocks."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from runner.train.engine import Dist
+
+
+def configure_wandb_env(cfg: DictConfig, run_dir: Path) -> str | None:
+    """Before DeepSpeed's WandbMonitor calls wandb.init: put its files in the run dir and pick online/offline."""
+    if cfg.logger.name != "wandb":
+        return None
+    os.environ.setdefault("WANDB_DIR", str(run_dir))
+    os.environ.setdefault("WANDB_NAME", run_dir.name)
+    mode = cfg.logger.mode
+    if mode == "auto":
+        has_key = (
+            bool(os.environ.get("WANDB_API_KEY"))
+            or (Path.home() / ".netrc").exists()
+            and "api.wandb.ai" in (Path.home() / ".netrc").read_text()
+        )
+        mode = "online" if has_key else "offline"
+    os.environ["WANDB_MODE"] = mode
+    return mode
+
+
+class Metrics:
+    def __init__(self, run_dir: Path, engine, dist: Dist, cfg: DictConfig, total_steps: int, start_step: int):
+        self.run_dir, self.engine, self.dist = run_dir, engine, dist
+        self.total_steps = total_steps
+        self.file = open(run_dir / "metrics.jsonl", "a") if dist.main else None
+        self.bar = None
+        if dist.main:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total_steps, initial=start_step, desc=cfg.step.name, dynamic_ncols=True, mininterval=1.0
+            )
+            if cfg.logger.name == "wandb":
+                import wandb
+
+                if wandb.run is not None:
+                    wandb.config.update(OmegaConf.to_container(cfg, resolve=True), allow_val_change=True)
+
+    def log(self, step: int, values: dict, prefix: str = "train") -> None:
+        if not self.dist.main:
+            return
+        record = {"step": step, **{f"{prefix}/{k}" if prefix else k: v for k, v in values.items()}}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        monitor = getattr(self.engine, "monitor", None)
+        if monitor is not None and monitor.enabled:
+            events = [
+                (k, float(v), step)
+                for k, v in record.items()
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)
+            ]
+            monitor.write_events(events)
+        if prefix == "train" and "loss" in values:
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+        elif prefix == "eval":
+            self.bar.write(
+                f"step {step}: eval " + "  ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float))
+            )
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self, summary: dict | None) -> None:
+        if not self.dist.main:
+            return
+        self.bar.close()
+        self.file.close()
+        if summary is not None:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+class Throughput:
+    """Real tokens, computed (padded) tokens and samples since the last reset, and when it was."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.tokens, self.padded, self.samples = time.perf_counter(), 0, 0, 0
+
+    def add(self, batch) -> None:
+        mask = batch["attention_mask"]
+        self.tokens += int(mask.sum())
+        self.padded += mask.numel()
+        self.samples += mask.shape[0]
+
+
+def read(run_dir: Path, key: str) -> list[float]:
+    """Every value of one metric in a run's metrics.jsonl, in order."""
+    path = run_dir / "metrics.jsonl"
+    return [r[key] for r in map(json.loads, path.read_text().splitlines()) if key in r]

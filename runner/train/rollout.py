@@ -1,0 +1,102 @@
+"""Rollouts for on-policy methods: sample answers to prompts with the policy's engine, then score what was
+sampled (the policy's and the reference's log-probs, the critic's values, the judge's scores) into an
+`Experience`. Under ZeRO-3 all ranks generate in lockstep (`synced_gpus`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from omegaconf import DictConfig
+
+from runner.data.batches import pad
+from runner.rl.experience import Experience, action_mask
+from runner.rl.ops import entropy_of, logprobs_of, masked_mean
+
+
+def generation_config(gen: DictConfig, pad_id: int, eos_id: int):
+    """transformers' GenerationConfig from the step's sampling keys (step.generation.*)."""
+    from transformers import GenerationConfig
+
+    kwargs = {
+        "max_new_tokens": int(gen.max_new_tokens),
+        "do_sample": bool(gen.do_sample),
+        "pad_token_id": pad_id,
+        "eos_token_id": eos_id,
+        "use_cache": True,
+        "repetition_penalty": float(gen.repetition_penalty),
+    }
+    if gen.do_sample:
+        kwargs.update(temperature=float(gen.temperature), top_k=int(gen.top_k) or None, top_p=float(gen.top_p))
+    return GenerationConfig(**kwargs)
+
+
+def generate(
+    policy, prompts: list[list[int]], config, pad_id: int, eos_id: int, device, synced: bool
+) -> list[list[int]]:
+    """Answers (token ids, up to and including eos) to prompts, left-padded together into one batch."""
+    ids, mask = pad(prompts, pad_id, side="left")
+    policy.eval()
+    with torch.no_grad():
+        out = policy.module.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config, synced_gpus=synced
+        )
+    policy.train()
+    answers = []
+    for row in out[:, ids.size(1) :].tolist():
+        answers.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
+    return answers
+
+
+def experience(
+    prompts: list[list[int]],
+    answers: list[list[int]],
+    pad_id: int,
+    device,
+    policy,
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    reference=None,
+    critic=None,
+) -> Experience:
+    """Prompt+answer rows, right-padded, scored: the answer tokens' log-probs under the policy (and the reference),
+    the policy's mean entropy over them, the critic's values, and `score(ids, mask)` per answer."""
+    ids, mask = pad([p + a for p, a in zip(prompts, answers)], pad_id)
+    actions = action_mask([len(p) for p in prompts], [len(a) for a in answers], ids.size(1))
+    ids, mask, actions = ids.to(device), mask.to(device), actions.to(device)
+    policy.eval()
+    with torch.no_grad():
+        logits = policy(input_ids=ids, attention_mask=mask).logits
+        logprobs = logprobs_of(logits, ids)
+        entropy = masked_mean(entropy_of(logits), actions)
+        del logits
+        ref_logprobs = (
+            logprobs_of(reference(input_ids=ids, attention_mask=mask).logits, ids) if reference is not None else None
+        )
+        values = critic(ids, mask)[:, :-1] if critic is not None else None
+        scores = score(ids, mask)
+    policy.train()
+    return Experience(
+        input_ids=ids,
+        attention_mask=mask,
+        action_mask=actions,
+        logprobs=logprobs,
+        scores=scores,
+        entropy=entropy.reshape(1),
+        ref_logprobs=ref_logprobs,
+        values=values,
+    )
+
+
+def hybrid_engine_status(actor, enabled: bool) -> str | None:
+    """What DeepSpeed's hybrid engine does for this actor, in words (None when it was not asked for)."""
+    if not enabled:
+        return None
+    import deepspeed
+
+    if len(getattr(actor, "_inference_containers", [])) > 0:
+        return "hybrid engine: active (DeepSpeed's inference kernels generate the rollouts)"
+    return (
+        f"hybrid engine: requested, but DeepSpeed {deepspeed.__version__} has no inference policy for "
+        f"{type(actor.module).__name__}, so it cannot be applied: rollouts use the model's own generate() "
+        "(same results, no speed-up)"
+    )

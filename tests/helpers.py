@@ -1,0 +1,101 @@
+"""Helpers every test module shares: the real CLI end to end (through the real launcher) and what a run wrote,
+DeepSpeed's own config parser, fake hardware for planning, stand-in exports, data files."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+from runner import ASSETS
+from runner.driver.plan import Hardware
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+TINY_TRAIN = ASSETS / "tiny_data" / "train.jsonl"
+TINY_TOKENIZER = ASSETS / "tiny_tokenizer"
+
+GPU = Hardware(cuda_devices=8, bf16=True, cpus=2)  # one node of 8 bf16-capable GPUs
+CPU = Hardware(cuda_devices=0, bf16=False, cpus=2)  # a 2-core machine without GPUs
+
+# Few steps, small evaluations: enough for the tiny model's loss to fall clearly on 2 CPU cores (conf/debug/quick.yaml).
+QUICK = ["debug=quick"]
+
+
+def run_cli(cwd: Path, *overrides: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner", *overrides], cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"runner failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_dir_of(proc: subprocess.CompletedProcess) -> Path:
+    match = re.search(r"^run directory: (.+)$", proc.stdout, re.MULTILINE)
+    assert match, proc.stdout
+    return Path(match.group(1))
+
+
+def metrics(run_dir: Path, key: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def checkpoint_state(run_dir: Path) -> dict:
+    """The fp32 weights of a run's latest DeepSpeed checkpoint, whatever its ZeRO stage."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt = run_dir / "checkpoints"
+    if json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == 0:
+        tag = (ckpt / "latest").read_text().strip()
+        return torch.load(ckpt / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+
+
+def ds_parse(ds: dict, world_size: int):
+    """DeepSpeed's own config parser, with its world size (normally from torch.distributed) set to `world_size`."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    with (
+        mock.patch("deepspeed.runtime.config.dist.get_world_size", return_value=world_size),
+        mock.patch("deepspeed.runtime.config.dist.get_rank", return_value=0),
+    ):
+        parsed = DeepSpeedConfig(copy.deepcopy(ds))
+    assert parsed.world_size == world_size  # the patch reached it (it silently falls back to 1 otherwise)
+    return parsed
+
+
+def fake_exports() -> tuple[Path, Path]:
+    """An SFT-like and a reward-like export of the tiny model (config, tokenizer, runner_export.json; no weights:
+    planning reads only these), for planning methods that read exports."""
+    import shutil
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    root = Path(tempfile.gettempdir()) / f"runner-fake-exports-{os.getpid()}"
+    for kind, arch in (("causal_lm", "OPTForCausalLM"), ("reward_model", "OPTForSequenceClassification")):
+        out = root / kind
+        if not out.exists():
+            shutil.copytree(TINY_TOKENIZER, out)
+            arch_cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "tiny.yaml").arch)
+            (out / "config.json").write_text(json.dumps({**arch_cfg, "architectures": [arch], "num_labels": 1}))
+            (out / "runner_export.json").write_text(json.dumps({"kind": kind}))
+    return root / "causal_lm", root / "reward_model"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -1,0 +1,137 @@
+"""The package's shape, checked from its source: no import cycle, no module reaching into another's private names,
+the driver/rank split (what only the Hydra process runs never imports what only the ranks run, and back), no file in
+runner/ over 350 lines, and every method discoverable by its folder."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from runner import stages
+
+RUNNER = Path(__file__).resolve().parent.parent / "runner"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(RUNNER.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in RUNNER.rglob("*.py")}
+
+
+def imports(path: Path) -> list[tuple[str, list[str], bool]]:
+    """(module imported, names imported from it, at module level?) for every runner import in a file."""
+    tree = ast.parse(path.read_text())
+    top = set(map(id, tree.body))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("runner"):
+            names = [a.name for a in node.names]
+            out.append((node.module, names, id(node) in top))
+            out += [(f"{node.module}.{n}", [], id(node) in top) for n in names if f"{node.module}.{n}" in MODULES]
+        elif isinstance(node, ast.Import):
+            out += [(a.name, [], id(node) in top) for a in node.names if a.name.startswith("runner")]
+    return out
+
+
+def graph(module_level_only: bool) -> dict[str, set[str]]:
+    edges = {m: set() for m in MODULES}
+    for name, path in MODULES.items():
+        for target, _, top in imports(path):
+            if target in MODULES and target != name and (top or not module_level_only):
+                edges[name].add(target)
+    return edges
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    found, state = [], {}
+
+    def visit(node, stack):
+        state[node] = 1
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                found.append(stack[stack.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def is_package_of(pkg: str, module: str) -> bool:
+    return module == pkg or module.startswith(pkg + ".")
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+@pytest.mark.parametrize("module_level_only", [True, False])
+def test_no_import_cycle(module_level_only):
+    edges = graph(module_level_only)
+    # a package's __init__ importing its own submodules is how a package exposes its API, not a cycle
+    for name in edges:
+        edges[name] = {t for t in edges[name] if not (MODULES[name].name == "__init__.py" and is_package_of(name, t))}
+    assert cycles(edges) == []
+
+
+def test_no_module_uses_another_modules_private_names():
+    offenders = []
+    for name, path in MODULES.items():
+        for target, names, _ in imports(path):
+            offenders += [f"{name}: from {target} import {n}" for n in names if n.startswith("_") and n != "__future__"]
+        tree = ast.parse(path.read_text())
+        local_modules = {
+            a.asname or a.name
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("runner")
+            for a in n.names
+        }
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and node.value.id in local_modules
+            ):
+                offenders.append(f"{name}: {node.value.id}.{node.attr}")
+    assert offenders == []
+
+
+def test_driver_and_ranks_do_not_import_each_other():
+    for name, path in MODULES.items():
+        targets = [t for t, _, _ in imports(path)]
+        if is_package_of("runner.driver", name):
+            assert not [t for t in targets if is_package_of("runner.train", t)], name
+        if is_package_of("runner.train", name):
+            assert not [t for t in targets if is_package_of("runner.driver", t)], name
+
+
+def test_no_file_over_350_lines():
+    assert {name: n for name, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 350} == {}
+
+
+def test_every_method_folder_is_a_method():
+    names = stages.names()
+    assert {"sft", "reward", "ppo"} <= set(names)
+    for name in names:
+        method = stages.get(name)
+        assert method.name == name and method.recipe.startswith(f"runner.stages.{name}.")
+        assert (RUNNER.parent / "conf" / "step" / f"{name}.yaml").is_file(), name
+
+
+def test_every_recipe_named_anywhere_exists():
+    root = RUNNER.parent
+    texts = [*root.glob("conf/**/*.yaml"), *root.glob("recipes/*.yaml"), root / "README.md", root / "CONTRIBUTING.md"]
+    named = {m for path in texts for m in re.findall(r"recipe=([\w.-]+)", path.read_text())}
+    named -= {"NAME"}  # the placeholder in usage lines
+    assert named and {n for n in named if not (root / "recipes" / f"{n}.yaml").is_file()} == set()
