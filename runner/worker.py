@@ -4,6 +4,7 @@ command line Hydra parsed), joins the process group and runs the recipe of the m
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -27,8 +28,10 @@ def main(argv: list[str]) -> int:
         )
         return 2
     from runner import stages
+    from runner.train import lifecycle
     from runner.train.metrics import configure_wandb_env
 
+    lifecycle.start(run_dir, dist)
     configure_wandb_env(cfg, run_dir)  # before any engine exists: DeepSpeed's monitor calls wandb.init
     module, _, function = stages.get(cfg.step.name).recipe.partition(":")
     getattr(importlib.import_module(module), function)(cfg, run_dir, dist)
@@ -40,7 +43,11 @@ def main(argv: list[str]) -> int:
     if torch.distributed.is_initialized():
         dist_comm.barrier()
         torch.distributed.destroy_process_group()
-    return 0
+    # Leave without the interpreter's teardown: background threads of the communication backends destroyed at exit
+    # sometimes abort the process ("terminate called without an active exception", exit 250) after a good run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

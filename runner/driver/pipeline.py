@@ -120,8 +120,10 @@ def run(
     run_one: Callable[[DictConfig, list[str]], object],
     plan_one: Callable[[DictConfig], object],
     hydra_dir: Path | None,
+    explicit: bool = True,
 ) -> float | None:
-    """Plan every stage, then run them in order with `run_one(stage_cfg, stage_overrides)`."""
+    """Plan every stage, then run them in order with `run_one(stage_cfg, stage_overrides)`. The pipeline directory
+    is claimed for this pipeline alone (`explicit`: it was named on the command line, so it is never replaced)."""
     pipeline_dir = Path(str(cfg.run_dir)).expanduser().resolve()
     stages = _check(cfg)
     per_stage = {name: stage_overrides(cfg, overrides, pipeline_dir, name) for name in stages}
@@ -132,16 +134,25 @@ def run(
         if not cfg.dry_run:
             plan_one(stage_cfg)
 
-    if not cfg.dry_run:
+    if cfg.dry_run:
+        return _run_stages(cfg, stages, per_stage, pipeline_dir, run_one)
+    claimed = rundir.claim(pipeline_dir, explicit=explicit, resume=bool(cfg.resume))
+    if claimed != pipeline_dir:  # another pipeline started in the same second took the default directory
+        print(f"note: {pipeline_dir} belongs to another run started in the same second; this pipeline uses {claimed}")
+        cfg.run_dir = str(claimed)
+        return run(cfg, overrides, run_one, plan_one, hydra_dir, explicit=True)
+    try:
         if hydra_dir is not None and hydra_dir.resolve() != pipeline_dir:
             rundir.discard_if_empty(hydra_dir)  # Hydra's job dir, when resume= points at the pipeline elsewhere
-        pipeline_dir.mkdir(parents=True, exist_ok=True)
         (pipeline_dir / "overrides.yaml").write_text(yaml.safe_dump(redact(overrides)))
-        (pipeline_dir / "pipeline.yaml").write_text(
-            yaml.safe_dump(
-                {"stages": stages, "overrides": {n: redact(o) for n, o in per_stage.items()}}, sort_keys=False
-            )
-        )
+        record = {"stages": stages, "overrides": {n: redact(o) for n, o in per_stage.items()}}
+        (pipeline_dir / "pipeline.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+        return _run_stages(cfg, stages, per_stage, pipeline_dir, run_one)
+    finally:
+        rundir.release(pipeline_dir)
+
+
+def _run_stages(cfg: DictConfig, stages: list[str], per_stage: dict, pipeline_dir: Path, run_one) -> float | None:
     results: dict[str, dict] = {}
     for name in stages:
         stage_dir = pipeline_dir / name
@@ -163,9 +174,10 @@ def run(
         except SystemExit as exc:
             if not cfg.dry_run:
                 _write_summary(pipeline_dir, stages, results, failed=name)
+            what = "stopped" if exc.code == 75 else "failed"
             print(
-                f"error: pipeline stage {name} failed; fix it and run `python -m runner resume={pipeline_dir}` "
-                "(finished stages are skipped)",
+                f"pipeline stage {name} {what}; continue with `python -m runner resume={pipeline_dir}` (finished "
+                "stages are skipped)",
                 file=sys.stderr,
             )
             raise exc

@@ -40,6 +40,7 @@ class Method:
     sources: ClassVar[tuple[Source, ...]] = ()
     exports: ClassVar[dict[str, str]] = {"export": "causal_lm"}
     recipe: ClassVar[str]
+    checkpointed: ClassVar[tuple[str, ...]] = ("",)  # engines its checkpoints hold, by JSON name ("" = the main one)
     max_len_key: ClassVar[str] = "data.max_seq_len"  # the key that bounds a tokenised sample (see max_len)
 
     def share_keys(self) -> tuple[str, ...]:
@@ -47,6 +48,10 @@ class Method:
 
     def validate(self, cfg: DictConfig, notes: list[str]) -> None:
         """Check and resolve the method's own keys (cfg.step and what it implies). Raise ConfigError."""
+
+    def has_rank_state(self, cfg: DictConfig) -> bool:
+        """Whether each rank keeps state of its own beside the engines (it cannot move to another number of ranks)."""
+        return False
 
     def check_sources(self, cfg: DictConfig) -> None:
         """Deeper checks of the models it reads, once they exist (e.g. that their tokenizers agree)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from runner import faults, manifest
 from runner.train.engine import Dist
 
 
@@ -32,44 +33,61 @@ def save(
     tag: str | None = None,
 ) -> Path:
     """engine.save_checkpoint of every engine (model, optimizer, scheduler, ZeRO partitions) under one tag, with the
-    runner's `state` (the same on every rank) and this rank's RNG and `rank_state`. Tagged `stepN` (the `latest`
-    one is what resume loads; the last `keep_last` are kept), or `best` (kept beside them, never resumed from)."""
+    runner's `state` (the same on every rank) and this rank's RNG and `rank_state`; committed by rank 0 once every
+    rank is done (runner.manifest). Tagged `stepN` (the last `keep_last` are kept; `latest` names the newest), or
+    `best` (kept beside them, never resumed from)."""
     import deepspeed.comm as dist_comm
 
     ckpt_dir = run_dir / "checkpoints"
     tag = tag or f"step{step}"
     folders = _folders(ckpt_dir, engines)
     for folder, engine in list(zip(folders, engines.values()))[1:]:  # the other engines first, the main one last
-        engine.save_checkpoint(str(folder), tag=tag, save_latest=tag != "best")
+        engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
     main = next(iter(engines.values()))
-    main.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"runner": state}, save_latest=tag != "best")
+    main.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"runner": state}, save_latest=False)
     rng = {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
     torch.save({"rng": rng, **rank_state}, ckpt_dir / tag / f"rank{dist.rank}.pt")
-    dist_comm.barrier()
-    if dist.main and keep_last > 0:
-        for folder in folders:
-            tags = sorted((p for p in folder.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
-            for old in tags[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+    faults.maybe_fail("save", step, dist.rank)
+    dist_comm.barrier()  # every rank's files are written
+    if dist.main:
+        manifest.commit(ckpt_dir, tag, step, list(engines)[1:], latest=tag != "best")
+        if keep_last > 0:
+            _rotate(ckpt_dir, folders, keep_last, keep=tag)
     dist_comm.barrier()
     return ckpt_dir / tag
 
 
-def load(engines: dict, run_dir: Path, dist: Dist) -> tuple[dict, dict]:
-    """Load the latest checkpoint into every engine; restore this rank's RNG; return (the runner's state, this
-    rank's state)."""
+def _rotate(ckpt_dir: Path, folders: list[Path], keep_last: int, keep: str) -> None:
+    """Delete all but the newest `keep_last` complete step tags (and incomplete ones older than the newest)."""
+    tags = manifest.step_tags(ckpt_dir)
+    complete = [t for t in tags if manifest.is_complete(ckpt_dir, t)]
+    doomed = [t for t in complete[keep_last:] if t != keep]
+    doomed += [t for t in tags if t not in complete and t != keep and int(t[4:]) < int(keep[4:] or 0)]
+    for tag in doomed:
+        for folder in folders:
+            shutil.rmtree(folder / tag, ignore_errors=True)
+
+
+def load(engines: dict, run_dir: Path, resume, dist: Dist, seed: int) -> tuple[dict, dict]:
+    """Load the checkpoint the driver chose (`resume`: its tag, step, the engines converted to the universal format,
+    whether the ranks changed) into every engine; restore this rank's RNG; return (the runner's state, this rank's
+    state). On another number of ranks each rank's random stream is derived anew from the seed and the step."""
     ckpt_dir = run_dir / "checkpoints"
-    tag = (ckpt_dir / "latest").read_text().strip()
     state = None
-    for folder, (name, engine) in zip(_folders(ckpt_dir, engines), engines.items()):
+    for i, (folder, (name, engine)) in enumerate(zip(_folders(ckpt_dir, engines), engines.items())):
+        converted = ("" if i == 0 else name) in resume.universal  # (the driver names the main engine's JSON "")
+        tag = f"{resume.tag}-universal" if converted else resume.tag
         path, client = engine.load_checkpoint(str(folder), tag=tag)
         if path is None:
             raise RuntimeError(f"no loadable {name} checkpoint {tag} under {folder}")
         state = client["runner"] if state is None else state
-    rank_state = torch.load(ckpt_dir / tag / f"rank{dist.rank}.pt", weights_only=False)
+    if resume.resharded:
+        torch.manual_seed(seed * 1000003 + int(resume.step) * 7919 + dist.rank)
+        return state, {}
+    rank_state = torch.load(ckpt_dir / resume.tag / f"rank{dist.rank}.pt", weights_only=False)
     rng = rank_state.pop("rng")
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from runner.data import batches as data_batches
-from runner.train import checkpoint, engine as eng, metrics as run_metrics
+from runner.train import checkpoint, engine as eng, lifecycle, metrics as run_metrics
 from runner.train.engine import Dist
 from runner.train.metrics import Metrics, Throughput
 
@@ -46,12 +46,15 @@ class Task(Protocol):
 
 def run(task: Task, cfg: DictConfig, run_dir: Path, dist: Dist) -> dict | None:
     train_cfg, total = cfg.train, int(cfg.runtime.total_steps)
+    life = lifecycle.current()
     loop = {"step": 0, "best": None, "eval_initial": None, "eval_last": None}
     if cfg.resume:
-        state, rank_state = checkpoint.load(task.engines, run_dir, dist)
+        state, rank_state = checkpoint.load(task.engines, run_dir, cfg.runtime.resume, dist, int(cfg.seed))
         loop.update(state["loop"])
         task.load_state_dict(state["task"])
         task.load_rank_state_dict(rank_state)
+        if dist.main:  # what an attempt logged after its checkpoint is replaced by what this one logs
+            run_metrics.trim(run_dir, loop["step"])
     main = next(iter(task.engines.values()))
     metrics = Metrics(run_dir, main, dist, cfg, total, loop["step"])
     if dist.main:
@@ -102,9 +105,16 @@ def run(task: Task, cfg: DictConfig, run_dir: Path, dist: Dist) -> dict | None:
             save(step, 0, tag="best")
         if paused:  # evaluation and checkpoint time is not training throughput
             task.reset_interval()
+        if step < min(total, stop_at) and life.should_stop():  # preempted or asked to stop: checkpoint, then exit
+            if not (save_every and step % save_every == 0):
+                save(step, int(train_cfg.keep_last))
+            life.end("preempted", step=step, reason=life.requested)
+            metrics.close(None)
+            return None
 
     if step < total:  # stopped on purpose (train.stop_at_step): checkpoint saved, resume continues
         metrics.close(None)
+        life.end("stopped", step=step)
         if dist.main:
             print(
                 f"stopped at step {step} of {total} (train.stop_at_step); continue with "
@@ -137,6 +147,7 @@ def run(task: Task, cfg: DictConfig, run_dir: Path, dist: Dist) -> dict | None:
         initial, final = loop["eval_initial"][task.objective], last[task.objective]
         summary.update(eval_reward_initial=initial, eval_reward_final=final, eval_reward_gain=final - initial)
     metrics.close(summary)
+    life.end("completed", step=step)
     return summary
 
 

@@ -100,6 +100,16 @@ class Throughput:
         self.samples += mask.shape[0]
 
 
+def trim(run_dir: Path, step: int) -> None:
+    """Drop the lines of metrics.jsonl and samples.jsonl logged after `step` (by an attempt that died after its last
+    checkpoint), so that a resumed run's files hold each step once."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = run_dir / name
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+
 def read(run_dir: Path, key: str) -> list[float]:
     """Every value of one metric in a run's metrics.jsonl, in order."""
     path = run_dir / "metrics.jsonl"

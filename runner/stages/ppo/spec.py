@@ -44,6 +44,10 @@ class PPO(Method):
     )
     exports = {"export": "causal_lm", "export_critic": "critic", "export_ema": "causal_lm"}
     recipe = "runner.stages.ppo.recipe:run"
+    checkpointed = ("", "critic")
+
+    def has_rank_state(self, cfg: DictConfig) -> bool:
+        return bool(cfg.step.ema.enabled)  # the EMA of each rank's partition
 
     def max_len(self, cfg: DictConfig) -> int:
         return int(cfg.step.max_prompt_len)

@@ -1,0 +1,152 @@
+"""A run, prepared: everything it needs (plan, data, step count, every engine's DeepSpeed JSON, the launcher
+command, what a resume starts from), checked before anything of its run directory is written."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from runner.driver import launch, plan as planning, resume as resuming
+from runner.driver.memory import model_state_memory
+from runner.errors import ConfigError
+from runner.overrides import secret_keys
+from runner.paths import is_local_path
+
+
+@dataclasses.dataclass
+class Launch:
+    """Everything a run needs, checked, before anything of the run directory is written."""
+
+    plan: planning.Plan
+    run_dir: Path
+    configs: dict[str, dict]
+    cmd: list[str]
+    env: dict[str, str]
+    secret_env: dict[str, str]
+    memory: dict
+    notes: list[str]
+    resume: dict | None = None
+
+
+def prepare(cfg, scrub=lambda values: None) -> Launch:
+    p = planning.make_plan(cfg)
+    method = p.method
+    run_dir = Path(os.path.expanduser(str(p.cfg.run_dir))).resolve()
+
+    secret_env, secret_values = {}, []
+    for key in secret_keys(p.cfg):  # never written to the run directory; handed to the ranks through their environment
+        value = OmegaConf.select(p.cfg, key)
+        if value:
+            secret_values.append(str(value))
+        if key.startswith("logger.") and value:
+            secret_env["WANDB_API_KEY"] = str(value)
+        OmegaConf.update(p.cfg, key, None, force_add=True)
+    scrub(secret_values)
+
+    from runner import modeling
+    from runner.data.prepare import prepare as prepare_data
+
+    pending = planning.pending_sources(p.cfg, method)
+    if not pending:
+        method.check_sources(p.cfg)
+    notes: list[str] = []
+    tokenizer, prepared, extra = None, None, None
+    local_inputs = (
+        not pending
+        and is_local_path(str(p.cfg.model.tokenizer))
+        and all(is_local_path(str(ds.path)) for ds in p.cfg.data.sets.values())
+    )
+    if p.cfg.dry_run:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # a plan never touches the network
+    if not p.cfg.dry_run or local_inputs:
+        tokenizer = modeling.load_tokenizer(p.cfg.model)
+        if p.cfg.dry_run:  # count the samples but write nothing
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                prepared = prepare_data(p.cfg, method, tokenizer, cache_root=Path(tmp))
+        else:
+            cache = Path(p.cfg.cache_dir).resolve()
+            prepared = prepare_data(p.cfg, method, tokenizer, cache_root=cache)
+            extra = method.prepare_extra(p.cfg, tokenizer, cache)
+    else:
+        notes.append(
+            f"dry run: data sets {', '.join(str(d.path) for d in p.cfg.data.sets.values())} are "
+            "not read, so total_num_steps (epochs x steps per epoch) is computed at launch"
+        )
+    arch_params = modeling.count_params(p.cfg.model, tokenizer)
+    samples, key, what = method.step_samples(p.cfg, p.world_size)
+    steps_per_epoch = prepared.counts["train"] // samples if prepared else 0
+    total = int(p.cfg.train.max_steps) if p.cfg.train.max_steps else int(p.cfg.train.epochs) * steps_per_epoch
+    if prepared and total < 1:
+        raise ConfigError(
+            key,
+            f"the training split has {prepared.counts['train']} samples, fewer than one step of {what} = {samples}",
+            "lower the batch size or use more data",
+        )
+    OmegaConf.update(
+        p.cfg,
+        "runtime",
+        {
+            "world_size": p.world_size,
+            "nodes": p.nodes,
+            "total_steps": total,
+            "steps_per_epoch": steps_per_epoch,
+            "cwd": os.getcwd(),
+            "run_dir": str(run_dir),
+            "num_params": arch_params,
+            "data": prepared.as_dict() if prepared else None,
+            **(extra or {}),
+            "notes": p.notes + notes,
+            "resume": None,
+        },
+        force_add=True,
+    )
+    configs = method.engine_configs(p.cfg, p.world_size, total, str(run_dir))
+    resume = None
+    if p.cfg.resume and not p.cfg.dry_run:
+        tag, step, convert, resume_notes = resuming.plan(
+            run_dir, configs, method.checkpointed, method.has_rank_state(p.cfg)
+        )
+        if step >= total:
+            raise ConfigError(
+                "resume",
+                f"the run has done all its {total} steps (checkpoint {tag})",
+                "raise train.max_steps (or train.epochs) to train it further",
+            )
+        for name, universal in convert.items():
+            if universal:
+                configs[name]["checkpoint"] = {"load_universal": True}
+        resume = {
+            "tag": tag,
+            "step": step,
+            "universal": [n for n, u in convert.items() if u],
+            "resharded": bool(convert),
+            "convert": convert,
+        }
+        notes += resume_notes
+        p.cfg.runtime.resume = {k: v for k, v in resume.items() if k != "convert"}
+    env = launch.worker_env(p.deployment)
+    if p.deployment.name == "multi_node":
+        env["DS_ENV_FILE"] = str(run_dir / "deepspeed_env")
+    largest = p.cfg.model.get("largest_layer_params") or modeling.largest_layer(p.cfg.model, tokenizer)
+    memory = model_state_memory(p.cfg, arch_params, largest, max(p.nodes.values()), len(p.nodes))
+    return Launch(
+        p, run_dir, configs, launch.launcher_command(p.deployment, str(run_dir)), env, secret_env, memory, notes, resume
+    )
+
+
+def move(job: Launch, run_dir: Path) -> None:
+    """The run goes to another directory (its default one was taken by a run started in the same second)."""
+    print(f"note: {job.run_dir} belongs to another run started in the same second; this run uses {run_dir}")
+    job.run_dir = run_dir
+    job.plan.cfg.run_dir = job.plan.cfg.runtime.run_dir = str(run_dir)
+    job.configs = job.plan.method.engine_configs(
+        job.plan.cfg, job.plan.world_size, int(job.plan.cfg.runtime.total_steps), str(run_dir)
+    )
+    job.cmd = launch.launcher_command(job.plan.deployment, str(run_dir))
+    if "DS_ENV_FILE" in job.env:
+        job.env["DS_ENV_FILE"] = str(run_dir / "deepspeed_env")
