@@ -7,7 +7,10 @@ launch.sh into the run directory and starts the real launcher (deepspeed or torc
 
 from __future__ import annotations
 
+import io
+import re
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -16,11 +19,53 @@ from runner.driver import run as driver
 from runner.errors import ConfigError
 
 _task_started = False
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+class _HeldStderr(io.TextIOBase):
+    """stderr held back until the task starts: what Hydra prints when composition fails is rewritten into one
+    message (see _rewrite); once the task runs, stderr is the terminal's again."""
+
+    def __init__(self, real):
+        self.real, self.parts = real, []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def release(self) -> str:
+        sys.stderr = self.real
+        held, self.parts = "".join(self.parts), []
+        return held
+
+
+def _rewrite(held: str, args: list[str]) -> str:
+    """Hydra's composition errors as the runner's: an unknown key with the closest existing one (not Hydra's advice
+    to add it with `+`), a YAML error with its file and line only (not a 70-line traceback)."""
+    unknown = re.search(r"Could not override '([^']+)'", held)
+    if unknown:
+        from runner.driver.keys import is_group_choice, unknown_key_message
+
+        return unknown_key_message(unknown.group(1), str(CONF), [a for a in args if is_group_choice(a)]) + "\n"
+    yaml_error = re.search(r"yaml\.\w+\.\w+Error: (.*?)\n\s+in \"(.+?)\", line (\d+), column (\d+)", held, re.S)
+    if yaml_error:
+        problem, path, line, column = yaml_error.groups()
+        problem = " ".join(problem.split())
+        return (
+            f"error: {path}, line {line}, column {column}: {problem}\n  fix: correct the YAML of that file (a "
+            "config option or recipe the command line selects)\n"
+        )
+    return held
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     global _task_started
+    if not _task_started and isinstance(sys.stderr, _HeldStderr):
+        sys.stderr.real.write(sys.stderr.release())
     _task_started = True
     try:
         return driver.run(cfg)
@@ -53,14 +98,21 @@ def _check_override_syntax(args: list[str]) -> None:
 
 def cli() -> None:
     _check_override_syntax(sys.argv[1:])
+    held = sys.stderr = _HeldStderr(sys.stderr)
     try:
         main()
     except SystemExit as exc:
-        # Hydra reports composition errors (unknown group option, malformed or unknown override) with its own clear
-        # message and exit code 1; they are bad input, so exit 2 as for every other bad input.
+        # Hydra reports composition errors (unknown group option, malformed or unknown override, a YAML error) with
+        # exit code 1; they are bad input, so exit 2 as for every other bad input, with the runner's message.
+        if not _task_started and isinstance(sys.stderr, _HeldStderr):
+            text = held.release()
+            sys.stderr.write(_rewrite(text, sys.argv[1:]) if exc.code == 1 else text)
         if exc.code == 1 and not _task_started:
             sys.exit(2)
         raise
+    finally:
+        if isinstance(sys.stderr, _HeldStderr):
+            sys.stderr.write(held.release())
 
 
 if __name__ == "__main__":

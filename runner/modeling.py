@@ -8,6 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import ConfigError
+from runner.paths import is_local_path
 
 DROPOUT_KEYS = (
     "dropout",
@@ -31,11 +32,15 @@ def load_tokenizer(model: DictConfig, key: str = "model.tokenizer"):
         tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            key,
-            f"cannot load tokenizer {name!r}: {first}",
-            "give a hub id that is reachable (or cached) or a local tokenizer directory",
-        ) from None
+        offline = is_local_path(name) is False and ("offline" in first.lower() or os.environ.get("HF_HUB_OFFLINE"))
+        fix = (
+            "it is not in the local Hugging Face cache and the hub is not reachable: download it once with "
+            "network, or point model.path (and model.tokenizer) at a local copy"
+            if offline
+            else "give a hub id that is reachable (or cached), or a local directory with tokenizer files "
+            "(model.path=DIR brings its own)"
+        )
+        raise ConfigError(key, f"cannot load tokenizer {name!r}: {first}", fix) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -60,12 +65,14 @@ def model_config(model: DictConfig, tokenizer=None):
     else:
         try:
             config = AutoConfig.from_pretrained(os.path.expanduser(str(model.path)))
-        except Exception:
-            if not model.get("arch"):
-                raise ConfigError(
-                    "model.path", f"cannot read the config of {model.path!r}", "check the path or hub id"
-                ) from None
-            config = AutoConfig.for_model(**OmegaConf.to_container(model.arch, resolve=True))
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(
+                "model.path",
+                f"cannot read the config of {model.path!r}: {first}",
+                "check the path or hub id (offline, the model must be in the Hugging Face cache, or "
+                "model.path must be a local directory)",
+            ) from None
     if tokenizer is not None and len(tokenizer) > config.vocab_size:
         raise ConfigError(
             "model.tokenizer",
@@ -79,11 +86,26 @@ def model_config(model: DictConfig, tokenizer=None):
     return config
 
 
+def arch_config(model: DictConfig):
+    """The transformers config of model.arch: what planning counts (for a preset, its checkpoint's architecture;
+    for model.path=DIR, the directory's config.json, read by the planner)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**OmegaConf.to_container(model.arch, resolve=True))
+
+
 def _meta_model(model: DictConfig, tokenizer):
     from transformers import AutoModelForCausalLM
 
+    config = arch_config(model)
+    if tokenizer is not None and len(tokenizer) > config.vocab_size:
+        raise ConfigError(
+            "model.tokenizer",
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {config.vocab_size}",
+            "use the tokenizer that belongs to the model",
+        )
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config(model, tokenizer))
+        return AutoModelForCausalLM.from_config(config)
 
 
 def count_params(model: DictConfig, tokenizer=None) -> int:

@@ -3,6 +3,7 @@ merging (later wins), and secrets (never written down)."""
 
 from __future__ import annotations
 
+import logging
 import re
 
 from omegaconf import DictConfig
@@ -47,3 +48,18 @@ def secret_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
         elif SECRET_KEY.search(str(name)):
             found.append(full)
     return found
+
+
+SECRET_TOKEN = re.compile(r"(\S*?(?:api_?key|token|secret|password)\s*[=:]\s*)('[^']*'|\"[^\"]*\"|\S+)", re.IGNORECASE)
+
+
+class RedactFilter(logging.Filter):
+    """A logging filter (Hydra's console: conf/hydra/hydra_logging/redacted.yaml) that replaces the value of every
+    secret-looking `key=value` in a message by <redacted>."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = SECRET_TOKEN.sub(lambda m: m.group(1) + REDACTED, message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True

@@ -196,9 +196,24 @@ class SweepReport(Callback):
     """Hydra callback: write the report when a multirun ends."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        out = write(Path(config.hydra.sweep.dir))
+        """Write the report; then, if any point failed or was invalid, exit non-zero (every point has run)."""
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            out = write(sweep_dir)
+        except OSError as exc:  # a full disk: the table still reaches the console
+            out = None
+            print(f"error: could not write the sweep report into {sweep_dir} ({exc.strerror})", file=sys.stderr)
         if out:
             print(f"sweep report: {out}")
+        rows = collect(sweep_dir) if sweep_dir.is_dir() else []
+        bad = [r for r in rows if r["status"] in ("failed", "invalid", "aborted")]
+        if bad:
+            print(
+                f"error: {len(bad)} of {len(rows)} sweep points did not complete: "
+                + ", ".join(f"{r['point']} ({r['status']})" for r in bad),
+                file=sys.stderr,
+            )
+            sys.exit(1)
 
 
 def main(argv: list[str]) -> int:

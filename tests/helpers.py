@@ -78,14 +78,14 @@ def ds_parse(ds: dict, world_size: int):
 
 
 def fake_exports() -> tuple[Path, Path]:
-    """An SFT-like and a reward-like export of the tiny model (config, tokenizer, runner_export.json; no weights:
-    planning reads only these), for planning methods that read exports."""
+    """An SFT-like and a reward-like export of the tiny model (config, tokenizer, runner_export.json, an empty weights
+    file: planning reads no weights), for planning methods that read exports."""
     import shutil
     import tempfile
 
     from omegaconf import OmegaConf
 
-    root = Path(tempfile.gettempdir()) / f"runner-fake-exports-{os.getpid()}"
+    root = Path(tempfile.gettempdir()) / f"runner-fake-exports-v2-{os.getpid()}"
     for kind, arch in (("causal_lm", "OPTForCausalLM"), ("reward_model", "OPTForSequenceClassification")):
         out = root / kind
         if not out.exists():
@@ -93,9 +93,49 @@ def fake_exports() -> tuple[Path, Path]:
             arch_cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "tiny.yaml").arch)
             (out / "config.json").write_text(json.dumps({**arch_cfg, "architectures": [arch], "num_labels": 1}))
             (out / "runner_export.json").write_text(json.dumps({"kind": kind}))
+            (out / "model.safetensors").write_bytes(b"")  # a stand-in: planning checks that weights exist
     return root / "causal_lm", root / "reward_model"
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def wandb_history(run_dir: Path) -> dict[int, set[str]]:
+    """The metrics a wandb offline run recorded, by step: read from its .wandb file (LevelDB-style log records of
+    wandb's protobuf Record messages)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data, pos, buf, steps = path.read_bytes(), 7, b"", {}
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(buf)
+            if record.WhichOneof("record_type") == "history":
+                items = {i.key or "/".join(i.nested_key): i.value_json for i in record.history.item}
+                steps.setdefault(int(items["_step"]), set()).update(k for k in items if not k.startswith("_"))
+    return steps
+
+
+def tensorboard_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of a run's TensorBoard log: tag -> {step: value}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (folder,) = {p.parent for p in (run_dir / "tensorboard").rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}

@@ -110,6 +110,23 @@ PLAN_CASES = [
     pytest.param(["data=local"], ["data.sets.local.path"], id="data-path-not-set"),
     pytest.param(["model.path=/nonexistent/model"], ["model.path", "/nonexistent/model"], id="missing-model-path"),
     pytest.param(["optimizer.lr=-1e-3"], ["optimizer.lr"], id="negative-lr"),
+    # keys nothing reads, and raw DeepSpeed keys the run would ignore or refuse on the ranks
+    pytest.param(["train.lr=1e-5"], ["train.lr", "optimizer.lr"], id="unknown-key-names-the-closest"),
+    pytest.param(["+train.lr=1e-5"], ["train.lr", "optimizer.lr"], id="added-key-nothing-reads"),
+    pytest.param(["+optimiser=adamw"], ["optimiser", "optimizer"], id="added-group-typo"),
+    pytest.param(["+ds.gradient_clippin=1.0"], ["ds.gradient_clippin", "ds.gradient_clipping"], id="raw-ds-typo"),
+    pytest.param(["+ds.fp16.enabled=true"], ["ds.fp16", "fp32"], id="raw-fp16-on-cpu"),
+    pytest.param(
+        ["zero=stage2", "+zero.stage3_max_live_parameters=5"],
+        ["zero.stage3_max_live_parameters"],
+        id="stage3-key-under-stage2",
+    ),
+    # plausible values that used to give a traceback or nothing
+    pytest.param(["run_dir=/etc/hostname/run"], ["run_dir", "/etc/hostname"], id="run-dir-under-a-file"),
+    pytest.param(["cache_dir=/etc/hostname/cache"], ["cache_dir", "/etc/hostname"], id="cache-dir-under-a-file"),
+    pytest.param(["deployment.master_port=abc"], ["deployment.master_port"], id="master-port-not-a-number"),
+    pytest.param(["deployment.master_port=70000"], ["deployment.master_port"], id="master-port-out-of-range"),
+    pytest.param(["train.global_batch_size=0"], ["train.global_batch_size"], id="global-batch-zero"),
 ]
 
 
@@ -264,3 +281,51 @@ def test_pipeline_rejects_a_stage_key_outside_a_stage_list(tmp_path):
     assert_rejected(result, tmp_path, "step.kl.coef")
     result = run_cli(tmp_path, "step=rlhf", "+step.kl.coef=0.05")  # added anyway: it would reach no stage
     assert_rejected(result, tmp_path, "step.kl.coef", "step.ppo=")
+
+
+# ------------------------------------------------------------------------------------------ files and data
+def test_a_yaml_error_names_the_file_and_line_only(tmp_path):
+    conf = tmp_path / "extra" / "recipe"
+    conf.mkdir(parents=True)
+    (conf / "broken.yaml").write_text("# @package _global_\ntrain:\n  max_steps: 3\n   bad: [1,\n")
+    result = run_cli(tmp_path, f"hydra.searchpath=[file://{tmp_path / 'extra'}]", "recipe=broken")
+    assert_rejected(result, tmp_path, "broken.yaml", "line 4")
+    assert len(result.stderr.splitlines()) <= 3
+
+
+@pytest.mark.parametrize(
+    "content, names",
+    [
+        (b"", ["data.sets.local.path", "is empty"]),
+        (b'{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": }\n', ["line 2", "not valid JSON"]),
+    ],
+)
+def test_data_file_problems_say_where(tmp_path, content, names):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(content)
+    result = run_cli(tmp_path, "data=local", f"data.sets.local.path={path}", "data.sets.local.sft_target=response")
+    assert_rejected(result, tmp_path, *names)
+
+
+def test_a_blend_weight_that_rounds_to_no_rows(tmp_path):
+    rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(30)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    result = run_cli(
+        tmp_path,
+        "data=[tiny,local]",
+        f"data.sets.local.path={path}",
+        "data.sets.local.weight=0.01",
+        "data.sets.local.sft_target=response",
+    )
+    assert_rejected(result, tmp_path, "data.sets.local.weight", "0 rows")
+
+
+def test_a_model_directory_without_weights(tmp_path):
+    import shutil
+
+    from tests.helpers import fake_exports
+
+    model = tmp_path / "model"
+    shutil.copytree(fake_exports()[0], model)
+    (model / "model.safetensors").unlink()
+    assert_rejected(run_cli(tmp_path, f"model.path={model}"), tmp_path, "model.path", "no weights")

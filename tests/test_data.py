@@ -220,7 +220,7 @@ def test_bad_row_is_named_or_skipped_and_counted(prepare, tmp_path, mutate, reas
     with pytest.raises(ConfigError) as err:
         prepare(*args)
     assert err.value.where == "data.sets.local" and str(path) in err.value.problem and reason in err.value.problem
-    assert "train split, row 17:" in err.value.problem
+    assert "train split, line 18:" in err.value.problem  # rows[17] is the file's 18th line, as an editor counts
     assert "data.bad_rows=skip" in err.value.fix
     prepared, _ = prepare(*args, "data.bad_rows=skip")
     stats = prepared.stats["sets"]["local"]

@@ -54,3 +54,13 @@ def prompts(batch: dict, tok, max_len: int, policy: str) -> dict:
 
 
 KINDS = {"sft": sft, "pairs": pairs, "prompts": prompts}
+COLUMNS = {
+    "sft": ("input_ids", "prompt_len"),
+    "pairs": ("chosen_ids", "rejected_ids", "prompt_len"),
+    "prompts": ("prompt_ids",),
+}
+
+
+def empty(kind: str) -> dict[str, list]:
+    """The columns of a kind with no rows (a slice that came out empty)."""
+    return {c: [] for c in (*COLUMNS[kind], "overlong", "keep")}

@@ -82,13 +82,25 @@ def _build(cfg: DictConfig, method, share: str, tokenizer, raw: dict, out_dir: P
             chosen = np.arange(len(normalized))
             if split_name == "train":
                 chosen = weighted(chosen, float(ds.weight), seed)
-            tokenized = normalized.select(chosen).map(
-                kinds.KINDS[kind],
-                batched=True,
-                remove_columns=normalized.column_names,
-                load_from_cache_file=False,
-                fn_kwargs={"tok": tokenizer, "max_len": max_len, "policy": data.overlong},
-            )
+                if len(normalized) and not len(chosen):
+                    raise ConfigError(
+                        f"data.sets.{name}.weight",
+                        f"weight {ds.weight} x the {len(normalized)} rows of its {share} share rounds to 0 rows",
+                        f"use a weight of at least {1 / len(normalized):.3g}, or leave the set out",
+                    )
+            tokenize = {"tok": tokenizer, "max_len": max_len, "policy": data.overlong}
+            if len(chosen):
+                tokenized = normalized.select(chosen).map(
+                    kinds.KINDS[kind],
+                    batched=True,
+                    fn_kwargs=tokenize,
+                    remove_columns=normalized.column_names,
+                    load_from_cache_file=False,
+                )
+            else:  # (map over no rows would not create the columns)
+                from datasets import Dataset
+
+                tokenized = Dataset.from_dict(kinds.empty(kind))
             overlong = sum(tokenized["overlong"])
             if kind == "prompts" and overlong and data.overlong == "truncate":
                 longest = max(len(ids) for ids in tokenized["prompt_ids"])

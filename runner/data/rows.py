@@ -106,6 +106,10 @@ def normalize_split(split, name: str, ds: DictConfig, kind: str, policy: str, wh
             out["bad"].append(bad)
         return out
 
+    if len(split) == 0:  # (map over no rows would not create the columns)
+        from datasets import Dataset
+
+        return Dataset.from_dict({k: [] for k in EMPTY}), {"bad_rows_skipped": 0, "bad_row_reasons": {}}
     normalized = split.map(fn, batched=True, remove_columns=split.column_names, load_from_cache_file=False)
     bad = [b for b in normalized["bad"] if b]
     normalized = normalized.filter(lambda r: not r["bad"], load_from_cache_file=False).remove_columns("bad")

@@ -4,6 +4,7 @@ csv, parquet, a directory of split files, a save_to_disk directory), and a finge
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -74,11 +75,35 @@ def load(path: str, config_name: str | None, splits: list[str], key: str):
         while type(exc).__name__ == "DatasetGenerationError" and exc.__cause__ is not None:
             exc = exc.__cause__  # datasets wraps the real reason (e.g. "JSON parse error: ... in row 0")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if is_local_path(path):
+            first = _file_problem(local(path), splits) or first
         raise ConfigError(
             key,
             f"cannot load {path!r}: {first}",
             "check the file (or, for a hub id, that the hub is reachable or a local copy is given)",
         ) from None
+
+
+def _file_problem(path: Path, splits: list[str]) -> str | None:
+    """What is wrong with a local data file, in a user's terms (an empty file, the first line that is not JSON,
+    counted from 1), where datasets' own message says less ("StopIteration", "in row 0" of a block)."""
+    files = (
+        [path]
+        if path.is_file()
+        else [path / f"{s}{ext}" for s in splits for ext in BUILDERS if (path / f"{s}{ext}").is_file()]
+    )
+    for f in files:
+        text = f.read_text(errors="replace")
+        if not text.strip():
+            return f"{f} is empty"
+        if f.suffix == ".jsonl" or (f.suffix == ".json" and not text.lstrip().startswith("[")):
+            for number, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        json.loads(line)
+                    except ValueError as exc:
+                        return f"{f}, line {number}: not valid JSON ({exc.msg}, column {exc.colno})"
+    return None
 
 
 def load_raw(name: str, ds: DictConfig, seed: int):
@@ -98,8 +123,14 @@ def load_raw(name: str, ds: DictConfig, seed: int):
             f"set data.sets.{name}.splits.train to one of {list(raw)}",
         )
 
+    # rows counted from 1, as people count; a local JSON-lines file's rows are its lines, as editors show them
+    lines = is_local_path(path) and (
+        path.endswith(".jsonl") or (local(path).is_dir() and any(local(path).glob("*.jsonl")))
+    )
+
     def numbered(split, split_name):  # remember each row's place in its file, for error messages
-        return split.add_column("__row__", [f"{split_name} split, row {i}" for i in range(len(split))])
+        where = "line" if lines else "row"
+        return split.add_column("__row__", [f"{split_name} split, {where} {i + 1}" for i in range(len(split))])
 
     train = numbered(raw[ds.splits.train], ds.splits.train)
     if ds.splits.eval and ds.splits.eval in raw:

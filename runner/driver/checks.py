@@ -4,6 +4,8 @@ the fix; none writes anything."""
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -99,6 +101,18 @@ def roles(cfg: DictConfig, first: str, *others: str, notes: list[str]) -> None:
             )
 
 
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def has_weights(path: Path, key: str) -> None:
+    if not any((path / w).is_file() for w in WEIGHTS) and not list(path.glob("*.safetensors")):
+        raise ConfigError(
+            key,
+            f"{str(path)!r} has a config.json but no weights ({', '.join(WEIGHTS)})",
+            "point it at a directory written by save_pretrained() (a run's export), with its weights",
+        )
+
+
 def source(step_key: str, value: str, kinds: tuple[str, ...], what: str, example: str, pending: bool) -> str:
     """A model another run produced (an export) or a hub id (not checked offline): returns it resolved."""
     if not is_local_path(value):
@@ -174,3 +188,39 @@ def lengths(cfg: DictConfig, positions: int | None, notes: list[str], default: i
             f"model's {positions} positions",
             f"make step.max_prompt_len + step.generation.max_new_tokens at most {positions} (or leave both auto)",
         )
+
+
+def generation(cfg: DictConfig, key: str = "step.generation") -> None:
+    """Sampling settings of a method that generates (transformers' GenerationConfig would fail on the ranks)."""
+    gen = OmegaConf.select(cfg, key)
+    if gen.do_sample:
+        positive(cfg, f"{key}.temperature", example="1.0")
+        in_range(cfg, 0, 1, f"{key}.top_p")
+        if not gen.top_p > 0:
+            raise ConfigError(f"{key}.top_p", f"must be in (0, 1], got {gen.top_p}", f"e.g. {key}.top_p=1.0")
+    if not isinstance(gen.top_k, int) or gen.top_k < 0:
+        raise ConfigError(f"{key}.top_k", f"must be a non-negative integer (0 = off), got {gen.top_k!r}")
+    positive(cfg, f"{key}.repetition_penalty", example="1.0")
+
+
+def writable_dir(path: Path, key: str) -> None:
+    """A directory the run will create or write into: its nearest existing ancestor must be a directory this user
+    can write (probed with a temporary file, which is removed: root passes every permission check)."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            key, f"{path} cannot be created: {existing} is a file, not a directory", f"choose another {key}"
+        )
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".runner-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            key,
+            f"{path} cannot be written: {existing} is not writable ({exc.strerror})",
+            f"choose a writable {key}, or fix the permissions of {existing}",
+        ) from None
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(key, f"{path} cannot be written: {existing} is not writable", f"choose a writable {key}")

@@ -78,6 +78,7 @@ def resolve_deployment(cfg: DictConfig, hw: Hardware, dry_run: bool, notes: list
             )
         if dep.nproc_per_node == "auto":
             dep.nproc_per_node = max(nodes.values())
+        _port(dep)
         return sum(nodes.values()), nodes
 
     if dep.nproc_per_node == "auto":
@@ -139,6 +140,17 @@ def resolve_deployment(cfg: DictConfig, hw: Hardware, dry_run: bool, notes: list
         )
     if dep.threads_per_rank == "auto":
         dep.threads_per_rank = max(1, hw.cpus // nproc) if dep.accelerator == "cpu" else None
-    if dep.master_port == "auto":
-        dep.master_port = launch.free_port()
+    _port(dep)
     return nnodes * nproc, {f"node{i}": nproc for i in range(nnodes)}
+
+
+def _port(dep: DictConfig) -> None:
+    if dep.get("master_port") == "auto":
+        dep.master_port = launch.free_port()
+    port = dep.get("master_port")
+    if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535):
+        raise ConfigError(
+            "deployment.master_port",
+            f"must be a port number from 1 to 65535 (or auto), got {port!r}",
+            "e.g. deployment.master_port=29500, or auto for a free one",
+        )

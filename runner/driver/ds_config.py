@@ -12,7 +12,8 @@ Every key traces to its source in one hop:
     fp16 / bf16                      = precision.*
     optimizer                        = optimizer.*         (only when optimizer.impl == deepspeed)
     scheduler                        = scheduler.* and the run's total optimizer steps
-    tensorboard / wandb / csv_monitor = logger.*
+    (no tensorboard / wandb / csv_monitor blocks: the runner logs to the trackers itself, on the optimizer-step
+     axis; DeepSpeed's monitor would add its learning rate on a sample-count axis: runner.train.trackers)
     anything else                    = ds.*                (the escape hatch, merged last)
 """
 
@@ -117,14 +118,6 @@ def build_ds_config(cfg: DictConfig, world_size: int, total_steps: int, run_dir:
             "warmup_type": "linear",
         }
     ds["scheduler"] = {"type": SCHEDULERS[sched.name], "params": params}
-
-    logger = cfg.logger
-    if logger.name == "tensorboard":
-        ds["tensorboard"] = {"enabled": True, "output_path": f"{run_dir}/tensorboard", "job_name": logger.job_name}
-    elif logger.name == "csv":
-        ds["csv_monitor"] = {"enabled": True, "output_path": f"{run_dir}/csv", "job_name": logger.job_name}
-    elif logger.name == "wandb":
-        ds["wandb"] = {"enabled": True, "project": logger.project, "team": logger.team, "group": logger.group}
 
     extra = OmegaConf.to_container(cfg.ds, resolve=True) if cfg.get("ds") else {}
     return _deep_merge(ds, copy.deepcopy(extra))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from runner.driver import launch, plan as planning, resume as resuming
+from runner.driver import checks, ds_check, launch, plan as planning, resume as resuming
 from runner.driver.memory import model_state_memory
 from runner.errors import ConfigError
 from runner.overrides import secret_keys
@@ -31,10 +31,15 @@ class Launch:
     resume: dict | None = None
 
 
-def prepare(cfg, scrub=lambda values: None) -> Launch:
+def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False) -> Launch:
+    """The run, planned and checked; `scrub(secrets)` takes secrets out of what Hydra wrote; `raw_ds_keys`: the
+    config adds raw DeepSpeed keys, so DeepSpeed's own parser checks every JSON."""
     p = planning.make_plan(cfg)
     method = p.method
     run_dir = Path(os.path.expanduser(str(p.cfg.run_dir))).resolve()
+    if not p.cfg.dry_run:
+        checks.writable_dir(run_dir, "run_dir")
+        checks.writable_dir(Path(p.cfg.cache_dir).resolve(), "cache_dir")
 
     secret_env, secret_values = {}, []
     for key in secret_keys(p.cfg):  # never written to the run directory; handed to the ranks through their environment
@@ -49,6 +54,8 @@ def prepare(cfg, scrub=lambda values: None) -> Launch:
     from runner import modeling
     from runner.data.prepare import prepare as prepare_data
 
+    # checks that need no data first: data preparation writes the shared cache
+    ds_check.check(p.cfg, method.engine_configs(p.cfg, p.world_size, 1, str(run_dir)), raw_ds_keys)
     pending = planning.pending_sources(p.cfg, method)
     if not pending:
         method.check_sources(p.cfg)

@@ -7,6 +7,7 @@ Nothing here writes a file or starts a process; the driver does that once the pl
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -86,6 +87,7 @@ def _resolve_batch(cfg: DictConfig, world: int) -> None:
     train = cfg.train
     checks.positive_int(cfg, "train.micro_batch_size", "train.gradient_accumulation_steps")
     if train.global_batch_size is not None:
+        checks.positive_int(cfg, "train.global_batch_size")
         per_step = train.micro_batch_size * world
         if not isinstance(train.global_batch_size, int) or train.global_batch_size % per_step:
             raise ConfigError(
@@ -106,10 +108,10 @@ def _resolve_batch(cfg: DictConfig, world: int) -> None:
         )
 
 
-def _resolve_sources(cfg: DictConfig, method) -> None:
+def _resolve_sources(cfg: DictConfig, method) -> str:
     """The models a method reads from earlier runs (step.<key>): each a hub id or a directory of the right kind; the
     trained model's starting point becomes model.path (and its tokenizer model.tokenizer)."""
-    pending = bool(cfg.step.get("pending_exports"))
+    pending, model_key = bool(cfg.step.get("pending_exports")), "model.path"
     for src in method.sources:
         value = cfg.step.get(src.key)
         if value is None:
@@ -117,13 +119,42 @@ def _resolve_sources(cfg: DictConfig, method) -> None:
         resolved = checks.source(f"step.{src.key}", str(value), src.kinds, src.what, src.example, pending)
         cfg.step[src.key] = resolved
         if src.trains:
+            model_key = f"step.{src.key}"
             cfg.model.path = resolved
             path = local(resolved)
             if not is_local_path(resolved) or not path.exists() or (path / "tokenizer_config.json").is_file():
                 cfg.model.tokenizer = resolved
+    return model_key
 
 
-def _validate_model(cfg: DictConfig) -> None:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+ARCH_SKIP = ("architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "auto_map")
+CONF = Path(__file__).resolve().parent.parent.parent / "conf"
+
+
+def _preset_path(name) -> str | None:
+    """The checkpoint a model preset names (conf/model/<name>.yaml `path`), or None."""
+    preset = CONF / "model" / f"{name}.yaml"
+    return OmegaConf.load(preset).get("path") if name and preset.is_file() else None
+
+
+def _checkpoint_config(path: str) -> dict | None:
+    """config.json of a local model directory, or of a hub model in the local Hugging Face cache (None if neither)."""
+    if is_local_path(path):
+        return json.loads((local(path) / "config.json").read_text())
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(path, "config.json")
+    except Exception:
+        return None
+    return json.loads(Path(found).read_text()) if isinstance(found, str) else None
+
+
+def _validate_model(cfg: DictConfig, notes: list[str], key: str = "model.path") -> None:
+    """The model the user named is the model that is planned and trained: a local directory must hold a config,
+    weights and (when it is the tokenizer too) tokenizer files; a model that is not its preset's own checkpoint
+    brings its architecture (model.arch, for planning) from its config.json."""
     model = cfg.model
     if model.path is None:
         if not model.get("arch"):
@@ -137,16 +168,35 @@ def _validate_model(cfg: DictConfig) -> None:
             return  # an earlier stage of this pipeline writes it
         if not local(path).is_dir():
             raise ConfigError(
-                "model.path",
+                key,
                 f"{path!r} is not a directory (nor a hub id like facebook/opt-1.3b)",
                 "point model.path at a Hugging Face model directory",
             )
         if not (local(path) / "config.json").is_file():
             raise ConfigError(
-                "model.path",
+                key,
                 f"{path!r} is not a Hugging Face model directory: it has no config.json",
                 "point model.path at a directory written by save_pretrained()",
             )
+        checks.has_weights(local(path), key)
+    tok = str(model.tokenizer)
+    if is_local_path(tok) and local(tok).is_dir() and not any((local(tok) / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(
+            "model.tokenizer",
+            f"{tok!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)})",
+            "set model.tokenizer to a directory or hub id that has them",
+        )
+    if path == _preset_path(model.get("name")):
+        return  # the preset's own checkpoint: its figures are this model's
+    config = _checkpoint_config(path)
+    if config is None:
+        notes.append(
+            f"model.path={path} is not in the local Hugging Face cache: the plan uses the architecture of "
+            f"the model={model.get('name')} preset until it is downloaded"
+        )
+        return
+    model.arch = {k: v for k, v in config.items() if k not in ARCH_SKIP and not k.startswith("_")}
+    model.num_params = model.largest_layer_params = None  # counted from this architecture
 
 
 def _validate_data(cfg: DictConfig, method) -> None:
@@ -259,9 +309,9 @@ def make_plan(cfg: DictConfig, hw: Hardware | None = None) -> Plan:
     checks.zero(cfg.zero)
     _resolve_optimizer(cfg, cfg.deployment.accelerator, notes)
     _resolve_batch(cfg, world)
-    _resolve_sources(cfg, method)
+    model_key = _resolve_sources(cfg, method)
     method.validate(cfg, notes)
-    _validate_model(cfg)
+    _validate_model(cfg, notes, model_key)
     _validate_data(cfg, method)
     if not isinstance(cfg.lora.r, int) or cfg.lora.r < 0:
         raise ConfigError("lora.r", f"must be a non-negative integer (0 = off), got {cfg.lora.r!r}")

@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from runner.driver import (
+    keys,
     launch,
     outcome as outcome_,
     pipeline,
@@ -155,7 +156,9 @@ def run_one(cfg: DictConfig, overrides: list[str] | None = None, own_dir: bool =
             )
     else:
         own_dir = True
-    job = prepare(cfg, scrub=_scrub_sweep_file)
+    keys.check_added(cfg, overrides)
+    raw = bool(cfg.get("ds")) or any(key_of(o).startswith("zero.") for o in overrides)
+    job = prepare(cfg, scrub=_scrub_sweep_file, raw_ds_keys=raw)
     if job.plan.cfg.dry_run:
         show.plan(job.plan.cfg, job.configs, job.cmd, job.env, job.memory, job.plan.notes + job.notes)
         if is_multirun():  # a planned sweep: each point keeps its plan for the sweep's plan report
@@ -203,7 +206,7 @@ def _launch(job: Launch, overrides: list[str]) -> float | None:
     what = f"resumed from {job.resume['tag']}" if job.resume else "started"
     outcome = supervise.launch(
         job.cmd,
-        {**os.environ, **job.env, **job.secret_env},
+        {**os.environ, **job.env, **job.secret_env, "RUNNER_DRIVER_PID": str(os.getpid())},  # (runner.faults)
         run_dir,
         f"=== {time.strftime('%Y-%m-%d %H:%M:%S')}: {what}: {' '.join(job.cmd)}",
     )

@@ -90,7 +90,7 @@ class Lifecycle:
         """Whether the ranks stop after this step (every rank calls it at the same point; the answer is the same)."""
         local = self.requested is not None
         if not local and self.dist.main and (self.run_dir / "STOP").exists():
-            self.requested = local = "STOP"
+            self.requested, local = "STOP", True
         if self.dist.world == 1:
             return local
         from runner.train.engine import all_reduce_sum

@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from runner import faults
 from runner.data import batches as data_batches
 from runner.train import checkpoint, engine as eng, lifecycle, metrics as run_metrics
 from runner.train.engine import Dist
@@ -55,8 +56,7 @@ def run(task: Task, cfg: DictConfig, run_dir: Path, dist: Dist) -> dict | None:
         task.load_rank_state_dict(rank_state)
         if dist.main:  # what an attempt logged after its checkpoint is replaced by what this one logs
             run_metrics.trim(run_dir, loop["step"])
-    main = next(iter(task.engines.values()))
-    metrics = Metrics(run_dir, main, dist, cfg, total, loop["step"])
+    metrics = Metrics(run_dir, dist, cfg, total, loop["step"])
     if dist.main:
         for note in task.notes() + _wandb_note(cfg):
             metrics.bar.write(note)
@@ -105,6 +105,7 @@ def run(task: Task, cfg: DictConfig, run_dir: Path, dist: Dist) -> dict | None:
             save(step, 0, tag="best")
         if paused:  # evaluation and checkpoint time is not training throughput
             task.reset_interval()
+        faults.maybe_signal_driver(step, dist.rank)
         if step < min(total, stop_at) and life.should_stop():  # preempted or asked to stop: checkpoint, then exit
             if not (save_every and step % save_every == 0):
                 save(step, int(train_cfg.keep_last))

@@ -1,54 +1,41 @@
 """Metrics: metrics.jsonl and summary.json in the run directory, a progress bar on rank 0, and the run's trackers
-(TensorBoard / wandb / CSV) through DeepSpeed's own monitor, configured by the JSON's monitor blocks."""
+(TensorBoard / wandb / CSV, runner.train.trackers), all on the optimizer-step axis."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from runner.train.engine import Dist
+from runner.train.trackers import Trackers, wandb_mode
 
 
 def configure_wandb_env(cfg: DictConfig, run_dir: Path) -> str | None:
-    """Before DeepSpeed's WandbMonitor calls wandb.init: put its files in the run dir and pick online/offline."""
+    """wandb's files go into the run directory; returns the mode it logs in (online / offline)."""
     if cfg.logger.name != "wandb":
         return None
     os.environ.setdefault("WANDB_DIR", str(run_dir))
-    os.environ.setdefault("WANDB_NAME", run_dir.name)
-    mode = cfg.logger.mode
-    if mode == "auto":
-        has_key = (
-            bool(os.environ.get("WANDB_API_KEY"))
-            or (Path.home() / ".netrc").exists()
-            and "api.wandb.ai" in (Path.home() / ".netrc").read_text()
-        )
-        mode = "online" if has_key else "offline"
-    os.environ["WANDB_MODE"] = mode
+    os.environ["WANDB_MODE"] = mode = wandb_mode(cfg)
     return mode
 
 
 class Metrics:
-    def __init__(self, run_dir: Path, engine, dist: Dist, cfg: DictConfig, total_steps: int, start_step: int):
-        self.run_dir, self.engine, self.dist = run_dir, engine, dist
+    def __init__(self, run_dir: Path, dist: Dist, cfg: DictConfig, total_steps: int, start_step: int):
+        self.run_dir, self.dist = run_dir, dist
         self.total_steps = total_steps
         self.file = open(run_dir / "metrics.jsonl", "a") if dist.main else None
-        self.bar = None
+        self.bar, self.trackers = None, None
         if dist.main:
             from tqdm import tqdm
 
             self.bar = tqdm(
                 total=total_steps, initial=start_step, desc=cfg.step.name, dynamic_ncols=True, mininterval=1.0
             )
-            if cfg.logger.name == "wandb":
-                import wandb
-
-                if wandb.run is not None:
-                    wandb.config.update(OmegaConf.to_container(cfg, resolve=True), allow_val_change=True)
+            self.trackers = Trackers(cfg, run_dir, start_step)
 
     def log(self, step: int, values: dict, prefix: str = "train") -> None:
         if not self.dist.main:
@@ -56,14 +43,7 @@ class Metrics:
         record = {"step": step, **{f"{prefix}/{k}" if prefix else k: v for k, v in values.items()}}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        monitor = getattr(self.engine, "monitor", None)
-        if monitor is not None and monitor.enabled:
-            events = [
-                (k, float(v), step)
-                for k, v in record.items()
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)
-            ]
-            monitor.write_events(events)
+        self.trackers.log(step, record)
         if prefix == "train" and "loss" in values:
             self.bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
         elif prefix == "eval":
@@ -80,6 +60,7 @@ class Metrics:
             return
         self.bar.close()
         self.file.close()
+        self.trackers.close(summary)
         if summary is not None:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 

@@ -107,6 +107,8 @@ class PPO(Method):
         if step.kl.type not in ("fixed", "adaptive"):
             raise ConfigError("step.kl.type", f"unknown KL controller {step.kl.type!r}", "use fixed or adaptive")
         checks.in_range(cfg, 0, 1, "step.gamma", "step.lam", "step.ema.beta")
+        checks.generation(cfg)
+        checks.positive(cfg, "step.cliprange", "step.cliprange_value", example="0.2")
         checks.non_negative(
             cfg,
             "step.kl.coef",

@@ -1,0 +1,142 @@
+"""Nothing lost, end to end through the real launcher: a SIGTERM to the driver in the middle of a two-rank ZeRO-3 run
+(a checkpoint at that step, `preempted`, exit 75, and a resume to the same losses as an uninterrupted run), a rank
+killed while saving (named, and the run resumes from the newest complete checkpoint, here on two ranks instead of
+one), a resume onto another number of ranks and ZeRO stage, two runs started in the same second, and a full disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import QUICK, metrics, run_cli, run_dir_of, summary
+
+pytestmark = pytest.mark.e2e
+TWO_ZERO3 = ["zero=stage3", "deployment=cpu", "deployment.nproc_per_node=2", "train.micro_batch_size=4"]
+
+
+def status(run_dir):
+    return json.loads((run_dir / "status.json").read_text())
+
+
+def same_losses(a, b, steps, tol=1e-5):
+    la, lb = metrics(a, "train/loss"), metrics(b, "train/loss")
+    for step in steps:
+        assert lb[step] == pytest.approx(la[step], rel=tol, abs=tol), (step, la[step], lb[step])
+    assert metrics(b, "eval/loss")[40] == pytest.approx(metrics(a, "eval/loss")[40], rel=tol)
+
+
+def test_sigterm_to_the_driver_preempts_with_a_checkpoint_and_resume_continues(tmp_path, sft_runs):
+    uninterrupted = sft_runs("stage3", ranks=2)
+    env = {**os.environ, "RUNNER_FAULT": "term-driver:17"}  # a scheduler's SIGTERM, as step 17 ends
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner", *TWO_ZERO3, *QUICK, "train.save_every=0", f"run_dir={run}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    record = status(run)
+    stopped = record["step"]
+    assert record["status"] == "preempted" and record["reason"] == "SIGTERM" and 17 <= stopped < 40
+    assert (run / "checkpoints" / "latest").read_text() == f"step{stopped}"  # saved at the step it stopped at
+    assert f"python -m runner resume={run}" in proc.stderr
+    resumed = run_cli(tmp_path, f"resume={run}")
+    assert status(run)["status"] == "completed" and [h["status"] for h in status(run)["history"]] == ["preempted"]
+    train_steps = [
+        json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "train/loss" in line
+    ]
+    assert train_steps == [5, 10, 15, 20, 25, 30, 35, 40]  # each step logged once
+    same_losses(uninterrupted, run, (25, 30, 35, 40))  # (the interval ending at 20 began before the stop)
+    assert "terminate called" not in resumed.stdout + resumed.stderr
+
+
+def test_a_rank_killed_while_saving_is_named_and_the_run_resumes_on_two_ranks(tmp_path, sft_run):
+    run = tmp_path / "run"
+    env = {**os.environ, "RUNNER_FAULT": "save:20"}  # dies after writing step 20's files, before committing them
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner", *QUICK, "train.save_every=10", f"run_dir={run}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode != 0
+    assert "rank 0 (pid" in status(run)["reason"] and "killed by SIGKILL" in status(run)["reason"]
+    assert (run / "checkpoints" / "latest").read_text() == "step10" and (run / "checkpoints" / "step20").is_dir()
+    resumed = run_cli(
+        tmp_path, f"resume={run}", "deployment=cpu", "deployment.nproc_per_node=2", "train.micro_batch_size=4"
+    )  # and onto two ranks (ZeRO-0: every rank loads everything)
+    assert "resuming from checkpoint step10" in resumed.stdout
+    assert summary(run)["world_size"] == 2
+    same_losses(sft_run, run, (15, 20, 25, 30, 35, 40))
+
+
+def test_resume_two_rank_zero3_onto_one_rank_zero2(tmp_path, sft_runs):
+    uninterrupted = sft_runs("stage3", ranks=2)
+    part = run_dir_of(run_cli(tmp_path, *TWO_ZERO3, *QUICK, "train.save_every=20", "train.stop_at_step=20"))
+    assert status(part)["status"] == "stopped" and "terminate called" not in (part / "launch.log").read_text()
+    resumed = run_cli(
+        tmp_path,
+        f"resume={part}",
+        "deployment.nproc_per_node=1",
+        "zero=stage2",
+        "train.micro_batch_size=8",
+        "train.stop_at_step=null",
+    )
+    assert "ZeRO-3 checkpoint on 1 rank(s) at ZeRO-2 (saved on 2)" in resumed.stdout
+    assert json.loads((part / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
+    same_losses(uninterrupted, part, (25, 30, 35, 40))
+
+
+def test_two_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
+    cmd = [sys.executable, "-m", "runner", "debug=fdr", "hydra.run.dir=outputs/same"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [
+        subprocess.Popen(
+            [*cmd, f"seed={seed}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for seed in (1, 2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    dirs = {
+        int(
+            json.loads((d / "status.json").read_text())
+            and (d / "config.yaml").read_text().split("seed: ")[1].split()[0]
+        ): d
+        for d in (tmp_path / "outputs").glob("same*")
+    }
+    assert sorted(dirs) == [1, 2] and len({str(d) for d in dirs.values()}) == 2
+    for seed, d in dirs.items():
+        assert f"seed={seed}" in " ".join(status(d)["overrides"]) and (d / "export" / "config.json").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a small file system here ({done.stderr.decode().strip()})")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_names_the_file_system_and_keeps_the_last_checkpoint(tmp_path, small_disk):
+    run = small_disk / "run"
+    proc = run_cli(tmp_path, *QUICK, "train.save_every=10", "train.keep_last=5", f"run_dir={run}", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr.split("error: the launcher")[-1]
+    assert f"the file system of {run} is full" in proc.stderr
+    complete = (run / "checkpoints" / "latest").read_text()
+    assert f"the last complete checkpoint, {complete}, is kept" in proc.stderr
+    from runner import manifest
+
+    assert manifest.is_complete(run / "checkpoints", complete)

@@ -1,0 +1,285 @@
+"""Nothing lost, nothing silent, in process: checkpoint commits and the fallback to the newest complete one, run
+directories claimed for one run, status history, keys added with `+` that nothing reads, raw DeepSpeed keys the
+chosen stage would ignore, the trackers' mode, secrets on Hydra's console, failure diagnosis, and which resumes onto
+another layout are refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from runner import manifest
+from runner.driver import ds_check, keys, resume, rundir, supervise
+from runner.driver.plan import make_plan
+from runner.errors import ConfigError
+from runner.overrides import RedactFilter
+from runner.train.trackers import wandb_mode
+from tests.helpers import CPU, GPU
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def fake_checkpoint(ckpt, tag: str, step: int, commit: bool = True, others=("critic",)):
+    for folder in [ckpt / tag] + [ckpt / o / tag for o in others]:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "mp_rank_00_model_states.pt").write_bytes(os.urandom(64))
+    (ckpt / tag / "rank0.pt").write_bytes(b"rng")
+    if commit:
+        manifest.commit(ckpt, tag, step, list(others))
+
+
+def test_a_checkpoint_counts_only_once_committed_and_resume_falls_back(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    fake_checkpoint(ckpt, "step10", 10)
+    assert (ckpt / "latest").read_text() == "step10" and (ckpt / "critic" / "latest").read_text() == "step10"
+    fake_checkpoint(ckpt, "step20", 20, commit=False)  # the rank died before the commit
+    assert manifest.resume_point(tmp_path) == ("step10", [])  # `latest` still names the complete one
+    (ckpt / "latest").write_text("step20")  # (an older runner wrote `latest` first: it must not be trusted)
+    tag, notes = manifest.resume_point(tmp_path)
+    assert tag == "step10" and any("names step20, which is incomplete" in n for n in notes)
+    (ckpt / "latest").write_text("")
+    assert manifest.resume_point(tmp_path)[0] == "step10"
+    (ckpt / "step10" / "rank0.pt").write_bytes(b"")  # a file cut short: the checkpoint no longer verifies
+    assert manifest.resume_point(tmp_path)[0] is None and not manifest.is_complete(ckpt, "step10")
+
+
+def test_write_atomic_leaves_the_old_or_the_new(tmp_path):
+    path = tmp_path / "latest"
+    manifest.write_atomic(path, "step10")
+    manifest.write_atomic(path, "step20")
+    assert path.read_text() == "step20" and [p.name for p in tmp_path.iterdir()] == ["latest"]
+
+
+# ------------------------------------------------------------------------------------------------ run directories
+def test_a_run_never_writes_into_another_runs_directory(tmp_path):
+    first = tmp_path / "2026-01-01_00-00-00"
+    assert rundir.claim(first, explicit=False, resume=False) == first
+    (first / "config.yaml").write_text("a run")
+    second = rundir.claim(first, explicit=False, resume=False)  # started in the same second
+    assert second == tmp_path / "2026-01-01_00-00-00-2"
+    with pytest.raises(ConfigError) as err:
+        rundir.claim(first, explicit=True, resume=False)  # run_dir= naming another run's directory
+    assert err.value.where == "run_dir" and "resume=" in err.value.fix
+    rundir.release(first)
+    assert rundir.claim(first, explicit=True, resume=True) == first  # resuming it is what resume= is for
+
+
+def test_a_dead_runs_lock_is_taken_over_and_a_live_one_is_not(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / rundir.LOCK).write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
+    assert rundir.claim(run, explicit=True, resume=True) == run
+    rundir.release(run)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (run / rundir.LOCK).write_text(json.dumps({"pid": live.pid, "host": os.uname().nodename}))
+        with pytest.raises(ConfigError) as err:
+            rundir.claim(run, explicit=True, resume=True)
+        assert "in use by a running run" in err.value.problem
+    finally:
+        live.kill()
+
+
+def test_status_keeps_earlier_attempts(tmp_path):
+    rundir.write_status(tmp_path, "completed", ["a=1"])
+    rundir.write_status(tmp_path, "running", ["a=1"])
+    rundir.write_status(tmp_path, "failed", ["a=1"], reason="rank 1 failed")
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "failed" and [h["status"] for h in status["history"]] == ["completed"]
+
+
+# ------------------------------------------------------------------------------------------------ keys
+@pytest.mark.parametrize(
+    "override, where, near",
+    [
+        ("+train.lr=1e-5", "train.lr", "optimizer.lr"),
+        ("+optimiser=adamw", "optimiser", "optimizer"),
+        ("+step.kl_coef=0.1", "step.kl_coef", None),
+    ],
+)
+def test_a_key_added_with_plus_must_be_read_by_something(compose, override, where, near):
+    cfg = compose([override])
+    with pytest.raises(ConfigError) as err:
+        keys.check_added(cfg, [override])
+    assert err.value.where == where and (near is None or near in err.value.fix)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "+ds.zero_optimization.reduce_bucket_size=5e8",
+        "+zero.round_robin_gradients=true",
+        "+data.sets.tiny.fields.answer=response",
+        "+logger.api_key=x",
+    ],
+)
+def test_free_form_places_take_added_keys(compose, override):
+    keys.check_added(compose([override]), [override])
+
+
+# ------------------------------------------------------------------------------------------------ DeepSpeed JSON
+def ds(zero: dict, **extra) -> dict:
+    return {
+        "train_batch_size": 8,
+        "train_micro_batch_size_per_gpu": 8,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    "config, accelerator, where",
+    [
+        (ds({"stage": 0}, fp16={"enabled": True}, bf16={"enabled": True}), "cuda", "ds"),
+        (ds({"stage": 0}, fp16={"enabled": True}), "cpu", "ds.fp16"),
+        (ds({"stage": 2, "stage3_max_live_parameters": 5}), "cuda", "zero.stage3_max_live_parameters"),
+        (ds({"stage": 1, "offload_param": {"device": "cpu"}}), "cuda", "zero.offload_param"),
+        (ds({"stage": 0, "offload_optimizer": {"device": "cpu"}}), "cuda", "zero.offload_optimizer"),
+    ],
+)
+def test_runner_rules_on_the_final_json(config, accelerator, where):
+    with pytest.raises(ConfigError) as err:
+        ds_check.rules({"": config}, accelerator)
+    assert err.value.where == where
+
+
+def test_deepspeeds_parser_checks_raw_keys():
+    ds_check.deepspeed_parse({"": ds({"stage": 2})})
+    with pytest.raises(ConfigError) as err:
+        ds_check.deepspeed_parse({"": ds({"stage": 2}, gradient_clippin=1.0)})
+    assert err.value.where == "ds.gradient_clippin" and "gradient_clipping" in err.value.fix
+    with pytest.raises(ConfigError) as err:
+        ds_check.deepspeed_parse({"": ds({"stage": 2, "overlap_comm": "sometimes"})})
+    assert err.value.where == "ds" and "overlap_comm" in err.value.problem
+
+
+# ------------------------------------------------------------------------------------------------ logging
+def test_the_users_wandb_mode_wins(compose, monkeypatch):
+    cfg = compose(["logger=wandb"])
+    monkeypatch.setenv("WANDB_API_KEY", "k")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_mode(cfg) == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    assert wandb_mode(cfg) == "online"
+
+
+def test_secrets_never_reach_hydras_console():
+    record = logging.LogRecord(
+        "hydra", logging.INFO, "", 0, "\t#0 : zero=stage0 +logger.api_key=sk-123 token='a b'", (), None
+    )
+    RedactFilter().filter(record)
+    assert record.getMessage() == "\t#0 : zero=stage0 +logger.api_key=<redacted> token=<redacted>"
+
+
+# ------------------------------------------------------------------------------------------------ failures
+def ranks(tmp_path, *records):
+    (tmp_path / "ranks").mkdir()
+    for i, r in enumerate(records):
+        (tmp_path / "ranks" / f"{i}.json").write_text(json.dumps({"rank": i, "pid": 100 + i, "host": "h", **r}))
+
+
+def test_a_killed_rank_is_named_with_its_signal(tmp_path):
+    ranks(tmp_path, {"state": "failed", "error": "RuntimeError: Connection reset by peer"}, {"state": "running"})
+    reason = supervise.diagnose(tmp_path, "RuntimeError: Connection reset by peer", [-9])
+    assert reason.startswith("rank 1 (pid 101 on h) was killed by SIGKILL")
+
+
+def test_a_ranks_own_error_comes_before_its_peers_lost_connection(tmp_path):
+    ranks(
+        tmp_path,
+        {"state": "failed", "error": "RuntimeError: Connection reset by peer"},
+        {"state": "failed", "error": "torch.OutOfMemoryError: CUDA out of memory"},
+    )
+    assert supervise.diagnose(tmp_path, "", [1]) == "rank 1 failed: torch.OutOfMemoryError: CUDA out of memory"
+
+
+# ------------------------------------------------------------------------------------------------ resume layouts
+def saved_run(tmp_path, stage: int, world: int, others=()):
+    run = tmp_path / f"run{stage}{world}"
+    fake_checkpoint(run / "checkpoints", "step20", 20, others=others)
+    config = ds({"stage": stage})
+    config.update(train_batch_size=8, train_micro_batch_size_per_gpu=8 // world)
+    (run / "ds_config.json").write_text(json.dumps(config))
+    return run
+
+
+def layout(stage: int, world: int) -> dict:
+    return {"": {**ds({"stage": stage}), "train_batch_size": 8, "train_micro_batch_size_per_gpu": 8 // world}}
+
+
+@pytest.mark.parametrize(
+    "was, now, convert",
+    [((3, 2), (2, 1), {"": True}), ((2, 1), (2, 2), {"": True}), ((0, 1), (0, 2), {"": False}), ((1, 2), (1, 2), {})],
+)
+def test_layouts_a_resume_can_load(tmp_path, was, now, convert):
+    tag, step, got, notes = resume.plan(saved_run(tmp_path, *was, others=()), layout(*now), [""], False)
+    assert (tag, step, got) == ("step20", 20, convert)
+
+
+@pytest.mark.parametrize(
+    "was, now, has_rank_state, why",
+    [
+        ((0, 1), (2, 1), False, "ZeRO-0 keeps the optimizer state"),
+        ((2, 1), (3, 2), False, "at stage 1 or 2 only"),
+        ((3, 2), (3, 1), True, "per-rank state"),
+    ],
+)
+def test_layouts_a_resume_cannot_load_are_refused(tmp_path, was, now, has_rank_state, why):
+    with pytest.raises(ConfigError) as err:
+        resume.plan(saved_run(tmp_path, *was, others=()), layout(*now), [""], has_rank_state)
+    assert why in err.value.problem
+
+
+def test_a_resume_with_another_global_batch_is_refused(tmp_path):
+    other = {"": {**layout(0, 1)[""], "train_batch_size": 16, "train_micro_batch_size_per_gpu": 16}}
+    with pytest.raises(ConfigError) as err:
+        resume.plan(saved_run(tmp_path, 0, 1, others=()), other, [""], False)
+    assert "train.global_batch_size=8" in err.value.fix
+
+
+# ------------------------------------------------------------------------------------------------ the model named
+def test_a_local_model_brings_its_own_tokenizer_and_architecture(compose, tmp_path):
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+    from tests.helpers import TINY_TOKENIZER
+
+    tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+    tok.add_tokens([f"<extra{i}>" for i in range(52)])  # 1,076 tokens
+    model_dir = tmp_path / "mine"
+    OPTForCausalLM(
+        OPTConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            ffn_dim=64,
+            word_embed_proj_dim=32,
+            max_position_embeddings=128,
+        )
+    ).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    plan = make_plan(compose([f"model.path={model_dir}"]), CPU)
+    model = plan.cfg.model
+    assert model.tokenizer == str(model_dir) and model.arch.vocab_size == 1076
+    assert model.arch.max_position_embeddings == 128 and plan.cfg.data.max_seq_len == 128
+    assert model.num_params is None  # counted from this architecture, not the tiny preset's
+    (model_dir / "model.safetensors").unlink()
+    with pytest.raises(ConfigError) as err:
+        make_plan(compose([f"model.path={model_dir}"]), CPU)
+    assert err.value.where == "model.path" and "no weights" in err.value.problem
+
+
+def test_a_hub_model_that_is_not_cached_names_model_path(compose, hf_offline):
+    from runner import modeling
+
+    cfg = make_plan(compose(["model=opt-125m", "dry_run=true", "deployment=single_gpu"]), GPU).cfg
+    with pytest.raises(ConfigError) as err:
+        modeling.load_tokenizer(cfg.model)
+    assert "model.path" in err.value.fix and "cache" in err.value.fix
