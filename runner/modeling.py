@@ -1,10 +1,11 @@
-"""Tokenizers and models: from the hub, from a local directory, or built from an architecture (the tiny model)."""
+"""Tokenizers and model configurations, shared by the driver and the ranks (no torch at import: the driver
+plans without it). Building models is the ranks' part: runner.train.models."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import ConfigError
@@ -21,7 +22,6 @@ DROPOUT_KEYS = (
     "hidden_dropout_prob",
     "attention_probs_dropout_prob",
 )
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def load_tokenizer(model: DictConfig, key: str = "model.tokenizer"):
@@ -45,6 +45,34 @@ def load_tokenizer(model: DictConfig, key: str = "model.tokenizer"):
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
+
+
+def tokenizer_key(name: str, load) -> str:
+    """What a tokenizer is, for cache keys: its files' content for a local directory (nothing is loaded), else the
+    loaded tokenizer's fingerprint (`load()` returns it)."""
+    import hashlib
+
+    path = Path(os.path.expanduser(name))
+    files = [path / f for f in TOKENIZER_FILES if (path / f).is_file()] if path.is_dir() else []
+    if not files:
+        return tokenizer_fingerprint(load())
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + f.read_bytes())
+    return "files:" + digest.hexdigest()[:16]
 
 
 def tokenizer_fingerprint(tok) -> str:
@@ -95,6 +123,7 @@ def arch_config(model: DictConfig):
 
 
 def _meta_model(model: DictConfig, tokenizer):
+    import torch
     from transformers import AutoModelForCausalLM
 
     config = arch_config(model)
@@ -117,138 +146,3 @@ def count_params(model: DictConfig, tokenizer=None) -> int:
 def largest_layer(model: DictConfig, tokenizer=None) -> int:
     meta = _meta_model(model, tokenizer)
     return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in meta.modules())
-
-
-def _build(auto_class, model: DictConfig, config, ds_config: dict, dtype: str, gradient_checkpointing: bool):
-    """from_config (model.path null) or from_pretrained, partitioned at construction under ZeRO-3 so that no rank
-    ever holds the whole model: transformers enters deepspeed.zero.Init itself while an HfDeepSpeedConfig is alive,
-    for every module of the model, so heads are partitioned with the backbone in the same dtype."""
-    from transformers.integrations import HfDeepSpeedConfig
-
-    zero3 = ds_config["zero_optimization"]["stage"] == 3
-    if zero3:
-        # zero.Init patches torch.Tensor.__new__; torch._dynamo, imported lazily by transformers while the model is
-        # built, checks that signature at import and fails. Import it before entering the context.
-        import torch._dynamo  # noqa: F401
-    keep = HfDeepSpeedConfig(ds_config) if zero3 else None
-    if model.path is None:
-        net = auto_class.from_config(config, dtype=DTYPES[dtype])
-    else:
-        net = auto_class.from_pretrained(os.path.expanduser(str(model.path)), config=config, dtype=DTYPES[dtype])
-    del keep
-    if gradient_checkpointing:
-        net.gradient_checkpointing_enable()
-        net.config.use_cache = False
-    return net
-
-
-def apply_lora(net: torch.nn.Module, lora: DictConfig, r: int | None = None) -> torch.nn.Module:
-    """LoRA adapters (peft, injected in place so the model keeps its class) on the linear layers of the transformer
-    blocks; with lora.only_optimize, everything else is frozen except a scalar head (`score`)."""
-    r = int(lora.r if r is None else r)
-    if not r:
-        return net
-    from peft import LoraConfig, inject_adapter_in_model
-
-    targets = lora.target_modules
-    if targets == "auto":
-        targets = sorted(
-            {
-                name.rsplit(".", 1)[-1]
-                for name, m in net.named_modules()
-                if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in ("lm_head", "score")
-            }
-        )
-    else:
-        targets = list(targets)
-    dtype = next(net.parameters()).dtype
-    net = inject_adapter_in_model(
-        LoraConfig(
-            r=r, lora_alpha=float(lora.alpha), lora_dropout=float(lora.dropout), target_modules=targets, bias="none"
-        ),
-        net,
-    )
-    for name, p in net.named_parameters():
-        if "lora_" in name:
-            p.data = p.data.to(dtype)  # one dtype for the whole model (ZeRO flattens parameters together)
-            p.requires_grad = True
-        else:
-            p.requires_grad = not lora.only_optimize or name.split(".")[0] == "score"
-    if getattr(net, "is_gradient_checkpointing", False):
-        net.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-    return net
-
-
-def merge_lora(state: dict, lora: DictConfig, r: int) -> dict:
-    """A state dict with LoRA adapters folded into their base weights (W + alpha/r * B A), under the base names."""
-    if not any(".lora_A." in k for k in state):
-        return state
-    scaling = float(lora.alpha) / int(r)
-    merged = {}
-    for key, value in state.items():
-        if ".lora_" in key:
-            continue
-        if ".base_layer." in key:
-            prefix, name = key.split(".base_layer.")
-            if name == "weight":
-                a, b = state[f"{prefix}.lora_A.default.weight"], state[f"{prefix}.lora_B.default.weight"]
-                value = (value.float() + scaling * (b.float() @ a.float())).to(value.dtype)
-            key = f"{prefix}.{name}"
-        merged[key] = value
-    return merged
-
-
-def load_causal_lm(
-    model: DictConfig,
-    ds_config: dict,
-    dtype: str,
-    gradient_checkpointing: bool = False,
-    lora: DictConfig | None = None,
-    lora_r: int = 0,
-):
-    from transformers import AutoModelForCausalLM
-
-    net = _build(AutoModelForCausalLM, model, model_config(model), ds_config, dtype, gradient_checkpointing)
-    return apply_lora(net, lora, lora_r) if lora is not None and lora_r else net
-
-
-class ScalarHeadModel(torch.nn.Module):
-    """A transformer backbone with a scalar head, stored as transformers' `*ForSequenceClassification` with
-    num_labels=1 (so an export loads with AutoModelForSequenceClassification). forward() gives the value of every
-    token; a sequence's score is the value at its last real (non-padding) token, found from the attention mask,
-    which stays right when the pad token equals eos. The reward model and the PPO critic are both this."""
-
-    def __init__(self, hf):
-        super().__init__()
-        if not hasattr(hf, "score"):
-            raise ConfigError("model", f"{type(hf).__name__} has no `score` head", "use a decoder-only model")
-        self.hf = hf
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.hf.score(hidden).squeeze(-1).float()
-
-
-def last_token_scores(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    last = attention_mask.sum(-1) - 1
-    return values.gather(1, last.unsqueeze(1)).squeeze(1)
-
-
-def load_scalar_model(
-    model: DictConfig,
-    ds_config: dict,
-    dtype: str,
-    pad_token_id: int,
-    gradient_checkpointing: bool = False,
-    lora: DictConfig | None = None,
-    lora_r: int = 0,
-) -> ScalarHeadModel:
-    """A reward model / critic: from a reward export (backbone and head), or from a causal LM (a base model or an
-    SFT export: the backbone's weights, a new head)."""
-    from transformers import AutoModelForSequenceClassification
-
-    config = model_config(model)
-    config.num_labels = 1
-    config.pad_token_id = pad_token_id
-    net = _build(AutoModelForSequenceClassification, model, config, ds_config, dtype, gradient_checkpointing)
-    return ScalarHeadModel(apply_lora(net, lora, lora_r) if lora is not None and lora_r else net)

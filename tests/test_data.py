@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runner import modeling
 from runner.data import batches, prepare as data
 from runner.data.prepare import load_prepared
 from runner.driver.plan import make_plan
 from runner.errors import ConfigError
+from runner.train import models
 from tests.helpers import CPU, TINY_TOKENIZER, write_jsonl
 
 TINY = Path(__file__).resolve().parent.parent / "runner" / "assets" / "tiny_data"
@@ -31,7 +31,7 @@ def tokenizer():
 def prepare(compose, tokenizer, tmp_path):
     def _prepare(*overrides, cache=None):
         plan = make_plan(compose(list(overrides)), CPU)
-        return data.prepare(plan.cfg, plan.method, tokenizer, cache_root=cache or tmp_path / "cache"), plan.cfg
+        return data.prepare(plan.cfg, plan.method, lambda: tokenizer, cache_root=cache or tmp_path / "cache"), plan.cfg
 
     return _prepare
 
@@ -266,7 +266,7 @@ def test_reward_scores_read_the_last_real_token():
 
     values = torch.tensor([[0.1, 0.2, 0.3, 9.0], [0.5, 0.6, 9.0, 9.0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
-    assert modeling.last_token_scores(values, mask).tolist() == pytest.approx([0.3, 0.6])
+    assert models.last_token_scores(values, mask).tolist() == pytest.approx([0.3, 0.6])
 
 
 @pytest.mark.parametrize("kind", ["csv", "parquet", "save_to_disk", "split_dir"])

@@ -20,7 +20,7 @@ REWARD = ["step=reward", "train.log_every=10", "train.eval_every=50", "train.eva
 def pair_scores(model, tok, rows):
     """Scores of (chosen, rejected) as the stage computes them: prompt + answer + eos, value at the last real token."""
     from runner.data.batches import PairCollator
-    from runner.modeling import last_token_scores
+    from runner.train.models import last_token_scores
 
     def ids(text):
         return tok(text).input_ids + [tok.eos_token_id]

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import QUICK, checkpoint_state, metrics, run_cli, run_dir_of, summary
+from tests.helpers import checkpoint_state, metrics, summary
 
 pytestmark = pytest.mark.e2e
 
@@ -25,7 +25,7 @@ def assert_learned(run_dir):
     assert s["steps"] == 40 and s["eval_loss"] == pytest.approx(evals[40])
 
 
-@pytest.mark.parametrize("zero", ["stage0", "stage1", "stage2", "stage3"])
+@pytest.mark.parametrize("zero", ["stage0", "stage2"])  # (stage 1: the torchrun test; stage 3: two ranks)
 def test_sft_one_rank(sft_runs, zero):
     run_dir = sft_runs(zero)
     assert_learned(run_dir)
@@ -71,18 +71,3 @@ def check_export_matches_checkpoint(run_dir):
     answer = tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     # 40 steps teach the answer's shape (" the ... was ... and ... .") though not yet to copy the item
     assert answer.startswith(" the") and " was " in answer and answer.rstrip().endswith("."), answer
-
-
-def test_resume_reproduces_uninterrupted_run(tmp_path, sft_runs):
-    full = sft_runs("stage2")  # the uninterrupted run (checkpoint intervals do not change the losses)
-    part = run_cli(tmp_path, "zero=stage2", "train.save_every=20", *QUICK, "train.stop_at_step=20")
-    part_dir = run_dir_of(part)
-    assert "stopped at step 20" in part.stdout + part.stderr
-    assert not (part_dir / "export").exists() and (part_dir / "checkpoints" / "step20").is_dir()
-    resumed = run_cli(tmp_path, f"resume={part_dir}", "train.stop_at_step=null")
-    assert run_dir_of(resumed) == part_dir
-    a, b = metrics(full, "train/loss"), metrics(part_dir, "train/loss")
-    for step in (25, 30, 35, 40):
-        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a[step], b[step])
-    assert metrics(part_dir, "eval/loss")[40] == pytest.approx(metrics(full, "eval/loss")[40], rel=1e-5)
-    assert summary(part_dir)["steps"] == 40

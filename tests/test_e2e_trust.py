@@ -1,7 +1,7 @@
 """Nothing lost, end to end through the real launcher: a SIGTERM to the driver in the middle of a two-rank ZeRO-3 run
-(a checkpoint at that step, `preempted`, exit 75, and a resume to the same losses as an uninterrupted run), a rank
-killed while saving (named, and the run resumes from the newest complete checkpoint, here on two ranks instead of
-one), a resume onto another number of ranks and ZeRO stage, two runs started in the same second, and a full disk."""
+(a checkpoint at that step, `preempted`, exit 75, and a resume, on one rank at ZeRO-2, to the same losses as an
+uninterrupted run), a rank killed while saving (named, and the run resumes from the newest complete checkpoint, on
+two ranks instead of one), two runs started in the same second, a full disk, and a refused resume."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.helpers import QUICK, metrics, run_cli, run_dir_of, summary
+from tests.helpers import QUICK, metrics, run_cli, summary
 
 pytestmark = pytest.mark.e2e
 TWO_ZERO3 = ["zero=stage3", "deployment=cpu", "deployment.nproc_per_node=2", "train.micro_batch_size=4"]
@@ -29,9 +29,12 @@ def same_losses(a, b, steps, tol=1e-5):
     assert metrics(b, "eval/loss")[40] == pytest.approx(metrics(a, "eval/loss")[40], rel=tol)
 
 
-def test_sigterm_to_the_driver_preempts_with_a_checkpoint_and_resume_continues(tmp_path, sft_runs):
+def test_sigterm_mid_run_preempts_with_a_checkpoint_and_resume_continues_on_another_layout(tmp_path, sft_runs):
+    """A scheduler's SIGTERM to the driver of a two-rank ZeRO-3 run: a checkpoint at the step it stopped at,
+    `preempted`, exit 75; resumed on one rank at ZeRO-2 (through a universal checkpoint), it ends with the losses of
+    the uninterrupted two-rank ZeRO-3 run."""
     uninterrupted = sft_runs("stage3", ranks=2)
-    env = {**os.environ, "RUNNER_FAULT": "term-driver:17"}  # a scheduler's SIGTERM, as step 17 ends
+    env = {**os.environ, "RUNNER_FAULT": "term-driver:17"}  # the signal arrives as step 17 ends
     run = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "runner", *TWO_ZERO3, *QUICK, "train.save_every=0", f"run_dir={run}"],
@@ -46,15 +49,18 @@ def test_sigterm_to_the_driver_preempts_with_a_checkpoint_and_resume_continues(t
     stopped = record["step"]
     assert record["status"] == "preempted" and record["reason"] == "SIGTERM" and 17 <= stopped < 40
     assert (run / "checkpoints" / "latest").read_text() == f"step{stopped}"  # saved at the step it stopped at
-    assert f"python -m runner resume={run}" in proc.stderr
-    resumed = run_cli(tmp_path, f"resume={run}")
+    assert f"python -m runner resume={run}" in proc.stderr and "terminate called" not in proc.stdout + proc.stderr
+    resumed = run_cli(
+        tmp_path, f"resume={run}", "deployment.nproc_per_node=1", "zero=stage2", "train.micro_batch_size=8"
+    )
+    assert "ZeRO-3 checkpoint on 1 rank(s) at ZeRO-2 (saved on 2)" in resumed.stdout
+    assert json.loads((run / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
     assert status(run)["status"] == "completed" and [h["status"] for h in status(run)["history"]] == ["preempted"]
     train_steps = [
         json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "train/loss" in line
     ]
     assert train_steps == [5, 10, 15, 20, 25, 30, 35, 40]  # each step logged once
     same_losses(uninterrupted, run, (25, 30, 35, 40))  # (the interval ending at 20 began before the stop)
-    assert "terminate called" not in resumed.stdout + resumed.stderr
 
 
 def test_a_rank_killed_while_saving_is_named_and_the_run_resumes_on_two_ranks(tmp_path, sft_run):
@@ -77,23 +83,6 @@ def test_a_rank_killed_while_saving_is_named_and_the_run_resumes_on_two_ranks(tm
     assert "resuming from checkpoint step10" in resumed.stdout
     assert summary(run)["world_size"] == 2
     same_losses(sft_run, run, (15, 20, 25, 30, 35, 40))
-
-
-def test_resume_two_rank_zero3_onto_one_rank_zero2(tmp_path, sft_runs):
-    uninterrupted = sft_runs("stage3", ranks=2)
-    part = run_dir_of(run_cli(tmp_path, *TWO_ZERO3, *QUICK, "train.save_every=20", "train.stop_at_step=20"))
-    assert status(part)["status"] == "stopped" and "terminate called" not in (part / "launch.log").read_text()
-    resumed = run_cli(
-        tmp_path,
-        f"resume={part}",
-        "deployment.nproc_per_node=1",
-        "zero=stage2",
-        "train.micro_batch_size=8",
-        "train.stop_at_step=null",
-    )
-    assert "ZeRO-3 checkpoint on 1 rank(s) at ZeRO-2 (saved on 2)" in resumed.stdout
-    assert json.loads((part / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
-    same_losses(uninterrupted, part, (25, 30, 35, 40))
 
 
 def test_two_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
@@ -140,3 +129,14 @@ def test_a_full_disk_names_the_file_system_and_keeps_the_last_checkpoint(tmp_pat
     from runner import manifest
 
     assert manifest.is_complete(run / "checkpoints", complete)
+
+
+def test_a_refused_resume_leaves_a_finished_runs_record_untouched(tmp_path, sft_run):
+    record = {
+        name: (sft_run / name).read_bytes()
+        for name in ("status.json", "config.yaml", "overrides.yaml", "launch.log", "ds_config.json", "metrics.jsonl")
+    }
+    for extra, why in ((["zero=stage2"], "ZeRO-0 keeps the optimizer state"), ([], "has done all its 40 steps")):
+        proc = run_cli(tmp_path, f"resume={sft_run}", *extra, check=False)
+        assert proc.returncode == 2 and why in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert {name: (sft_run / name).read_bytes() for name in record} == record

@@ -283,3 +283,23 @@ def test_a_hub_model_that_is_not_cached_names_model_path(compose, hf_offline):
     with pytest.raises(ConfigError) as err:
         modeling.load_tokenizer(cfg.model)
     assert "model.path" in err.value.fix and "cache" in err.value.fix
+
+
+def test_a_stop_signal_reaches_the_ranks_and_then_submitits_requeue(tmp_path):
+    """Under SLURM, submitit's handler for the job's timeout signal (SIGUSR2) requeues the job; the driver first has
+    the ranks stop with a checkpoint (the STOP file), then calls it."""
+    import signal
+    import threading
+
+    called = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: called.append(signum))
+    stop = str(tmp_path / "STOP")
+    wait = f"import os, time\nwhile not os.path.exists({stop!r}): time.sleep(0.05)\nprint('stopped')"
+    ranks = [sys.executable, "-c", wait]
+    try:
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGUSR2)).start()
+        outcome = supervise.launch(ranks, {**os.environ}, tmp_path, "=== test")
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert outcome.rc == 0 and outcome.stop_requested == "SIGUSR2" and called == [signal.SIGUSR2]
+    assert "stopped" in (tmp_path / "launch.log").read_text() and not (tmp_path / "STOP").exists()

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -173,23 +174,33 @@ def share_of(cfg: DictConfig, method) -> str:
     )
 
 
-def prepare(cfg: DictConfig, method, tokenizer, cache_root: Path) -> Prepared:
-    """Tokenise the train and eval samples of the run's method into the cache (once); return paths and counts."""
-    from runner.modeling import tokenizer_fingerprint
+def prepare(cfg: DictConfig, method, tokenizer: Callable, cache_root: Path, build: bool = True) -> Prepared | None:
+    """Tokenise the train and eval samples of the run's method into the cache (once); return paths and counts.
+
+    `tokenizer()` returns the tokenizer, loaded only when needed: a cache hit on local data with a local tokenizer
+    reads no data set and loads no tokenizer (the key hashes their files). `build=False` only looks the cache up
+    (None on a miss)."""
+    from runner.modeling import tokenizer_key
 
     share = share_of(cfg, method)
-    raw = {}
-    for name, ds in cfg.data.sets.items():
-        if ds.sft_only and method.data != "sft":
-            continue
-        train, evaluation = sources.load_raw(name, ds, int(cfg.seed))
-        raw[name] = (ds, train, evaluation)
-    if not raw:
+    used = {name: ds for name, ds in cfg.data.sets.items() if not (ds.sft_only and method.data != "sft")}
+    if not used:
         raise ConfigError(
             "data",
             f"no data set is used by the {method.name} stage (all are sft_only)",
             "add a data set that is not sft_only",
         )
+    raw = {}
+
+    def load(name):
+        if name not in raw:
+            raw[name] = (used[name], *sources.load_raw(name, used[name], int(cfg.seed)))
+        return raw[name]
+
+    content = {
+        name: sources.file_fingerprint(str(ds.path)) or sources.content_fingerprint(str(ds.path), *load(name)[1:])
+        for name, ds in used.items()
+    }
     key_parts = {
         "version": CACHE_VERSION,
         "kind": method.data,
@@ -197,13 +208,18 @@ def prepare(cfg: DictConfig, method, tokenizer, cache_root: Path) -> Prepared:
         "max_len": method.max_len(cfg),
         "seed": int(cfg.seed),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
-        "content": {n: sources.content_fingerprint(str(ds.path), t, e) for n, (ds, t, e) in raw.items()},
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "eos": tokenizer.eos_token_id,
+        "content": content,
+        "tokenizer": tokenizer_key(str(cfg.model.tokenizer), tokenizer),
     }
-    key = _key(key_parts)
-    root = cache_root / f"{method.name}-{key}"
-    meta = _cached(root, lambda tmp: {"key": key_parts, **_build(cfg, method, share, tokenizer, raw, tmp)})
+    root = cache_root / f"{method.name}-{_key(key_parts)}"
+    if not build and not (root / "meta.json").exists():
+        return None
+
+    def fresh(tmp: Path) -> dict:
+        all_raw = {name: load(name) for name in used}
+        return {"key": key_parts, **_build(cfg, method, share, tokenizer(), all_raw, tmp)}
+
+    meta = _cached(root, fresh)
     paths = {name: str(root / name) for name in ("train", "eval")}
     return Prepared(
         paths=paths, counts=meta["counts"], stats={"cache": str(root), "share": share, "sets": meta["sets"]}

@@ -147,6 +147,13 @@ def load_raw(name: str, ds: DictConfig, seed: int):
     return train, evaluation
 
 
+def file_fingerprint(path_value: str) -> str | None:
+    """The content of a local data set's files (None for a hub id: its revision is read once it is loaded)."""
+    if not is_local_path(path_value) or not local(path_value).exists():
+        return None
+    return content_fingerprint(path_value)
+
+
 def content_fingerprint(path_value: str, *splits) -> str:
     """What the raw data is: the files' content for local data, datasets' fingerprint (revision) for the hub."""
     path = local(path_value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,10 +21,44 @@ class Hardware:
 
     @staticmethod
     def detect() -> Hardware:
-        import torch
+        """The GPUs this process may use, without importing torch where it can (it costs the driver a second): no
+        NVIDIA device node means none; else nvidia-smi's list, filtered by CUDA_VISIBLE_DEVICES; else torch."""
+        cpus = launch.cpu_count()
+        if not any(Path("/dev").glob("nvidia[0-9]*")) and not Path("/proc/driver/nvidia").exists():
+            return Hardware(cuda_devices=0, bf16=False, cpus=cpus)
+        found = _nvidia_smi()
+        if found is None:
+            import torch
 
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        return Hardware(cuda_devices=n, bf16=bool(n) and torch.cuda.is_bf16_supported(), cpus=launch.cpu_count())
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            return Hardware(cuda_devices=n, bf16=bool(n) and torch.cuda.is_bf16_supported(), cpus=cpus)
+        return Hardware(cuda_devices=len(found), bf16=bool(found) and min(found) >= 8.0, cpus=cpus)
+
+
+def _nvidia_smi() -> list[float] | None:
+    """Compute capabilities of the visible GPUs from nvidia-smi (None when it cannot say: no tool, UUIDs in
+    CUDA_VISIBLE_DEVICES)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode:
+        return None
+    caps = {int(i): float(c) for i, c in (line.split(",") for line in out.stdout.strip().splitlines() if "," in line)}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return list(caps.values())
+    try:
+        return [caps[int(v)] for v in visible.split(",") if v.strip() != "" and int(v) in caps]
+    except ValueError:  # UUIDs or MIG names: torch resolves those
+        return None
 
 
 def resolve_deployment(cfg: DictConfig, hw: Hardware, dry_run: bool, notes: list[str]) -> tuple[int, dict[str, int]]:

@@ -60,31 +60,37 @@ def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False) -> Launch
     if not pending:
         method.check_sources(p.cfg)
     notes: list[str] = []
-    tokenizer, prepared, extra = None, None, None
+    prepared, extra, loaded = None, None, {}
+
+    def tokenizer():  # loaded once, and only when something needs it (not on a data-cache hit)
+        if "tok" not in loaded:
+            loaded["tok"] = modeling.load_tokenizer(p.cfg.model)
+        return loaded["tok"]
+
     local_inputs = (
         not pending
         and is_local_path(str(p.cfg.model.tokenizer))
         and all(is_local_path(str(ds.path)) for ds in p.cfg.data.sets.values())
     )
+    cache = Path(p.cfg.cache_dir).resolve()
     if p.cfg.dry_run:
         os.environ["HF_HUB_OFFLINE"] = "1"  # a plan never touches the network
-    if not p.cfg.dry_run or local_inputs:
-        tokenizer = modeling.load_tokenizer(p.cfg.model)
-        if p.cfg.dry_run:  # count the samples but write nothing
+        if local_inputs:  # count the samples from the cache, or into a temporary one: a plan writes nothing
             import tempfile
 
-            with tempfile.TemporaryDirectory() as tmp:
-                prepared = prepare_data(p.cfg, method, tokenizer, cache_root=Path(tmp))
+            prepared = prepare_data(p.cfg, method, tokenizer, cache, build=False)
+            if prepared is None:
+                with tempfile.TemporaryDirectory() as tmp:
+                    prepared = prepare_data(p.cfg, method, tokenizer, Path(tmp))
         else:
-            cache = Path(p.cfg.cache_dir).resolve()
-            prepared = prepare_data(p.cfg, method, tokenizer, cache_root=cache)
-            extra = method.prepare_extra(p.cfg, tokenizer, cache)
+            notes.append(
+                f"dry run: data sets {', '.join(str(d.path) for d in p.cfg.data.sets.values())} are not "
+                "read, so total_num_steps (epochs x steps per epoch) is computed at launch"
+            )
     else:
-        notes.append(
-            f"dry run: data sets {', '.join(str(d.path) for d in p.cfg.data.sets.values())} are "
-            "not read, so total_num_steps (epochs x steps per epoch) is computed at launch"
-        )
-    arch_params = modeling.count_params(p.cfg.model, tokenizer)
+        prepared = prepare_data(p.cfg, method, tokenizer, cache)
+        extra = method.prepare_extra(p.cfg, tokenizer, cache)
+    arch_params = modeling.count_params(p.cfg.model, loaded.get("tok"))
     samples, key, what = method.step_samples(p.cfg, p.world_size)
     steps_per_epoch = prepared.counts["train"] // samples if prepared else 0
     total = int(p.cfg.train.max_steps) if p.cfg.train.max_steps else int(p.cfg.train.epochs) * steps_per_epoch
@@ -139,7 +145,7 @@ def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False) -> Launch
     env = launch.worker_env(p.deployment)
     if p.deployment.name == "multi_node":
         env["DS_ENV_FILE"] = str(run_dir / "deepspeed_env")
-    largest = p.cfg.model.get("largest_layer_params") or modeling.largest_layer(p.cfg.model, tokenizer)
+    largest = p.cfg.model.get("largest_layer_params") or modeling.largest_layer(p.cfg.model, loaded.get("tok"))
     memory = model_state_memory(p.cfg, arch_params, largest, max(p.nodes.values()), len(p.nodes))
     return Launch(
         p, run_dir, configs, launch.launcher_command(p.deployment, str(run_dir)), env, secret_env, memory, notes, resume

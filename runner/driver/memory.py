@@ -1,5 +1,6 @@
-"""Model-state memory per device before launch, from DeepSpeed's own estimators (ZeRO-2/3) and the ZeRO paper's
-accounting for stages 0 and 1. Works offline: it needs only the parameter counts the model presets carry."""
+"""Model-state memory per device before launch: DeepSpeed's own estimators for ZeRO-2/3 (their formulas, here so
+that planning imports no DeepSpeed; tests/test_config.py checks them against DeepSpeed's functions) and the ZeRO
+paper's accounting for stages 0 and 1. Works offline: it needs only the parameter counts the model presets carry."""
 
 from __future__ import annotations
 
@@ -14,21 +15,16 @@ def model_state_memory(cfg: DictConfig, num_params: int, largest_layer: int, gpu
     DeepSpeed's estimators assume mixed precision with Adam: 2 bytes of 16-bit parameters plus 18 bytes per parameter of
     16/32-bit gradients, fp32 master weights and two Adam moments, divided by the ZeRO stage's partitioning.
     """
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
     stage = int(cfg.zero.stage)
     offload_opt = OmegaConf.select(cfg.zero, "offload_optimizer.device", default="none") not in ("none", None)
     offload_param = OmegaConf.select(cfg.zero, "offload_param.device", default="none") not in ("none", None)
     total = gpus_per_node * nodes
     if stage == 3:
-        cpu, dev, _ = estimate_zero3_model_states_mem_needs(
-            num_params, largest_layer, gpus_per_node, nodes, cpu_offload=offload_opt, cpu_offload_params=offload_param
-        )
-        source = "deepspeed estimate_zero3_model_states_mem_needs"
+        cpu, dev = zero3_model_states(num_params, largest_layer, gpus_per_node, nodes, offload_opt, offload_param)
+        source = "DeepSpeed's estimate_zero3_model_states_mem_needs"
     elif stage == 2 or (stage == 1 and offload_opt):
-        cpu, dev = estimate_zero2_model_states_mem_needs(num_params, gpus_per_node, nodes, cpu_offload=offload_opt)
-        source = "deepspeed estimate_zero2_model_states_mem_needs"
+        cpu, dev = zero2_model_states(num_params, gpus_per_node, nodes, offload_opt)
+        source = "DeepSpeed's estimate_zero2_model_states_mem_needs"
     elif stage == 1:  # optimizer state (fp32 master + 2 moments = 12 B/param) partitioned, gradients not
         dev, cpu = 2 * num_params + 6 * num_params + int(12 * num_params / total), 4 * num_params * gpus_per_node * 1.5
         source = "ZeRO paper accounting (2 + 6 + 12/N bytes per parameter)"
@@ -42,3 +38,34 @@ def model_state_memory(cfg: DictConfig, num_params: int, largest_layer: int, gpu
         "devices": total,
         "source": source,
     }
+
+
+def zero3_model_states(
+    params: int,
+    largest: int,
+    gpus_per_node: int,
+    nodes: int,
+    offload_optimizer: bool,
+    offload_params: bool,
+    buffer: float = 1.5,
+) -> tuple[int, int]:
+    """(CPU bytes per node, bytes per device): deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs
+    with zero_init=True."""
+    gpus, per_node = nodes * gpus_per_node, 1 / nodes
+    largest_bytes = 4 * largest
+    if offload_optimizer and offload_params:
+        return int(params * 18 * per_node * buffer), int(largest_bytes)
+    if offload_optimizer:
+        return int(params * 16 * per_node * buffer), int(largest_bytes + int(2 * params / gpus))
+    return int(largest * 4 * gpus_per_node * buffer), int(largest_bytes + int(18 * params / gpus))
+
+
+def zero2_model_states(
+    params: int, gpus_per_node: int, nodes: int, offload_optimizer: bool, buffer: float = 1.5
+) -> tuple[int, int]:
+    """(CPU bytes per node, bytes per device): DeepSpeed's
+    deepspeed.runtime.zero.stage_1_and_2.estimate_zero2_model_states_mem_needs."""
+    gpus = nodes * gpus_per_node
+    if offload_optimizer:
+        return int(params * max(4 * gpus, 16) * buffer), int(2 * params)
+    return int(params * 4 * gpus_per_node * buffer), int(2 * params + int(18 * params / gpus))

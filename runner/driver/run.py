@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -206,7 +207,13 @@ def _launch(job: Launch, overrides: list[str]) -> float | None:
     what = f"resumed from {job.resume['tag']}" if job.resume else "started"
     outcome = supervise.launch(
         job.cmd,
-        {**os.environ, **job.env, **job.secret_env, "RUNNER_DRIVER_PID": str(os.getpid())},  # (runner.faults)
+        {
+            **os.environ,
+            **job.env,
+            **job.secret_env,
+            "RUNNER_DRIVER_PID": str(os.getpid()),
+            "RUNNER_DRIVER_HOST": socket.gethostname(),
+        },  # (runner.faults)
         run_dir,
         f"=== {time.strftime('%Y-%m-%d %H:%M:%S')}: {what}: {' '.join(job.cmd)}",
     )

@@ -102,6 +102,11 @@ def launch(cmd: list[str], env: dict, run_dir: Path, header: str) -> Outcome:
                     last_error = line.strip().removeprefix("[rank0]: ").removeprefix("[rank1]: ")
                 codes += [int(c) for c in RETURN_CODE.findall(line)]
             rc = proc.wait()
+            if rc != 0:  # a launcher that died leaves no rank of its session behind
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
     finally:
         stopper.restore()
         if log is not None:

@@ -70,7 +70,8 @@ class Method:
         )
 
     def prepare_extra(self, cfg: DictConfig, tokenizer, cache_root: Path) -> dict | None:
-        """Data beside the stage's rows (PPO's pretraining mixture), prepared by the driver; recorded in runtime."""
+        """Data beside the stage's rows (PPO's pretraining mixture), prepared by the driver; recorded in runtime.
+        `tokenizer()` returns the run's tokenizer (loaded when first asked for)."""
         return None
 
     def engine_configs(self, cfg: DictConfig, world: int, total_steps: int, run_dir: str) -> dict[str, dict]:

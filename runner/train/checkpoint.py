@@ -118,7 +118,7 @@ def export_hf(
     """A Hugging Face directory (config, safetensors weights, tokenizer) that from_pretrained loads. A wrapped
     model (e.g. modeling.ScalarHeadModel, whose transformers model is `.hf`) is saved as the model it wraps; LoRA
     adapters are merged into the weights. `state` (rank 0) replaces the engine's weights (e.g. an EMA)."""
-    from runner.modeling import merge_lora
+    from runner.train.models import merge_lora
 
     wrapped = hasattr(engine.module, "hf")
     if state is _FROM_ENGINE:

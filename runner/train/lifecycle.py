@@ -63,6 +63,9 @@ class Lifecycle:
             previous(kind, value, tb)
 
         sys.excepthook = excepthook
+        driver = os.environ.get("RUNNER_DRIVER_PID")
+        if driver and os.environ.get("RUNNER_DRIVER_HOST") == socket.gethostname():
+            threading.Thread(target=self._watch_driver, args=(int(driver),), daemon=True).start()
 
     def _write(self) -> None:
         try:
@@ -80,6 +83,19 @@ class Lifecycle:
         self.record["signal"] = self.requested
         self._write()
         threading.Thread(target=self._watchdog, args=(signum,), daemon=True).start()
+
+    def _watch_driver(self, pid: int) -> None:
+        """A driver that is gone (killed with SIGKILL, its terminal closed) cannot supervise: stop as if asked to."""
+        while self.requested is None:
+            time.sleep(2.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                self.requested = "the driver is gone"
+                self.record["signal"] = self.requested
+                self._write()
+            except PermissionError:
+                pass
 
     def _watchdog(self, signum: int) -> None:
         time.sleep(GRACE_S)

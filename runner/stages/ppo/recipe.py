@@ -27,7 +27,7 @@ from runner.data import batches
 from runner.data.prepare import load_prepared
 from runner.rl import advantages as estimators
 from runner.rl.experience import Experience
-from runner.train import checkpoint, engine as eng, loop, onpolicy, rollout
+from runner.train import checkpoint, engine as eng, loop, models, onpolicy, rollout
 from runner.train.ema import EMA
 from runner.train.engine import Dist
 
@@ -55,19 +55,19 @@ class PPOTask:
         # the four engines
         ds = {name: eng.ds_config(run_dir, name) for name in ("", "critic", "reference", "reward")}
         actor, critic = step_cfg.actor, step_cfg.critic
-        net = modeling.load_causal_lm(cfg.model, ds[""], dtype, actor.gradient_checkpointing, cfg.lora, actor.lora_r)
+        net = models.load_causal_lm(cfg.model, ds[""], dtype, actor.gradient_checkpointing, cfg.lora, actor.lora_r)
         self.actor = eng.initialize(net, role_optimizer(cfg, actor), ds[""])
         self.reference = eng.initialize_frozen(
-            modeling.load_causal_lm(cfg.model, ds["reference"], dtype), ds["reference"]
+            models.load_causal_lm(cfg.model, ds["reference"], dtype), ds["reference"]
         )
         source = OmegaConf.create({"path": step_cfg.critic_from, "dropout": cfg.model.dropout})
-        net = modeling.load_scalar_model(
+        net = models.load_scalar_model(
             source, ds["critic"], dtype, self.pad, critic.gradient_checkpointing, cfg.lora, critic.lora_r
         )
         self.critic = eng.initialize(net, role_optimizer(cfg, critic), ds["critic"])
         source = OmegaConf.create({"path": step_cfg.reward_from, "dropout": None})
         self.reward = eng.initialize_frozen(
-            modeling.load_scalar_model(source, ds["reward"], dtype, self.pad), ds["reward"]
+            models.load_scalar_model(source, ds["reward"], dtype, self.pad), ds["reward"]
         )
         self.engines = {"actor": self.actor, "critic": self.critic}
         self.hybrid = rollout.hybrid_engine_status(self.actor, bool(step_cfg.hybrid_engine.enabled))
@@ -153,7 +153,7 @@ class PPOTask:
         )
 
     def experience(self, rows: list[dict], answers: list[list[int]]) -> Experience:
-        score = lambda ids, mask: modeling.last_token_scores(self.reward(ids, mask), mask)
+        score = lambda ids, mask: models.last_token_scores(self.reward(ids, mask), mask)
         return rollout.experience(
             [r["prompt_ids"] for r in rows],
             answers,

@@ -137,13 +137,13 @@ class PPO(Method):
 
     def prepare_extra(self, cfg: DictConfig, tokenizer, cache_root: Path) -> dict | None:
         uns = cfg.step.unsupervised
-        if not uns.path or tokenizer is None:
+        if not uns.path:
             return None
         from runner.data.prepare import prepare_text_blocks
 
         block = int(uns.block_size or int(cfg.step.max_prompt_len) + int(cfg.step.generation.max_new_tokens))
         spec = OmegaConf.create({k: uns[k] for k in ("path", "config_name", "split", "field")})
-        return {"unsupervised": prepare_text_blocks(spec, "step.unsupervised", tokenizer, block, cache_root)}
+        return {"unsupervised": prepare_text_blocks(spec, "step.unsupervised", tokenizer(), block, cache_root)}
 
     def engine_configs(self, cfg: DictConfig, world: int, total_steps: int, run_dir: str) -> dict[str, dict]:
         """The four engines from the same resolved config:

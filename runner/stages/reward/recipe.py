@@ -13,7 +13,7 @@ from runner import modeling
 from runner.data import batches
 from runner.data.prepare import load_prepared
 from runner.rl.losses import pairwise_loss
-from runner.train import checkpoint, engine as eng, loop
+from runner.train import checkpoint, engine as eng, loop, models
 from runner.train.engine import Dist
 
 
@@ -24,7 +24,7 @@ def run(cfg: DictConfig, run_dir: Path, dist: Dist) -> None:
     train_set, eval_set = load_prepared(cfg.runtime.data.paths.train), load_prepared(cfg.runtime.data.paths.eval)
     collate = batches.PairCollator(tokenizer.pad_token_id)
     ds_config = eng.ds_config(run_dir)
-    model = modeling.load_scalar_model(
+    model = models.load_scalar_model(
         cfg.model,
         ds_config,
         cfg.precision.dtype,
@@ -38,9 +38,7 @@ def run(cfg: DictConfig, run_dir: Path, dist: Dist) -> None:
 
     # 2. the loss, the evaluation and the export
     def pair_scores(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = modeling.last_token_scores(
-            engine(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"]
-        )
+        scores = models.last_token_scores(engine(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
         return scores.chunk(2)
 
     def loss(batch: dict):

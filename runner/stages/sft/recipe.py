@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from runner import modeling
 from runner.data import batches
 from runner.data.prepare import load_prepared
-from runner.train import checkpoint, engine as eng, loop
+from runner.train import checkpoint, engine as eng, loop, models
 from runner.train.engine import Dist
 
 
@@ -22,7 +22,7 @@ def run(cfg: DictConfig, run_dir: Path, dist: Dist) -> None:
     train_set, eval_set = load_prepared(cfg.runtime.data.paths.train), load_prepared(cfg.runtime.data.paths.eval)
     collate = batches.CausalLMCollator(tokenizer.pad_token_id, train_on_prompt=bool(cfg.step.train_on_prompt))
     ds_config = eng.ds_config(run_dir)
-    model = modeling.load_causal_lm(
+    model = models.load_causal_lm(
         cfg.model, ds_config, cfg.precision.dtype, cfg.train.gradient_checkpointing, cfg.lora, cfg.lora.r
     )
     engine = eng.initialize(model, cfg.optimizer, ds_config)
