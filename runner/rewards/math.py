@@ -46,10 +46,13 @@ def same(answer: str | None, reference: str | None) -> bool:
     return bool(verify(gold, guess))
 
 
-def answer_matches(prompts: list[str], answers: list[str], rows: list[dict] | None = None,
-                   field: str = "reference") -> list[float]:
+def answer_matches(
+    prompts: list[str], answers: list[str], rows: list[dict] | None = None, field: str = "reference"
+) -> list[float]:
     """1.0 when an answer's final result equals its row's reference answer (rows[i][field]), else 0.0."""
     if rows is None or any(field not in r for r in rows):
-        raise ValueError(f"every row needs a {field!r} field with the reference answer (map it with "
-                         "data.sets.<name>.fields.reference)")
+        raise ValueError(
+            f"every row needs a {field!r} field with the reference answer (map it with "
+            "data.sets.<name>.fields.reference)"
+        )
     return [float(same(final_answer(a), final_answer(str(r[field])))) for a, r in zip(answers, rows)]
