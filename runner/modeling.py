@@ -146,3 +146,23 @@ def count_params(model: DictConfig, tokenizer=None) -> int:
 def largest_layer(model: DictConfig, tokenizer=None) -> int:
     meta = _meta_model(model, tokenizer)
     return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in meta.modules())
+
+
+def weights_numel(path: str | None) -> tuple[int, int] | None:
+    """(parameters, largest tensor's) of the weights a local model directory holds, read from its safetensors
+    headers (no weights loaded); None when it has none (a hub name, .bin files)."""
+    import json
+    import math
+    import struct
+    from pathlib import Path
+
+    files = sorted(Path(str(path)).glob("*.safetensors")) if path and Path(str(path)).is_dir() else []
+    if not files:
+        return None
+    sizes = []
+    for f in files:
+        with open(f, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(length))
+        sizes += [math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__"]
+    return sum(sizes), max(sizes)

@@ -1,5 +1,7 @@
 """The report of a sweep: one row per point (status, throughput, memory, final metric, wall time) as Markdown and
-CSV, and plots of throughput and memory against micro-batch size with one line per ZeRO stage.
+CSV, and plots of throughput and memory against micro-batch size with one line per ZeRO stage. `metric`/`value` are
+each run's held-out objective (e.g. DPO's preference accuracy); `reward_gain` the judged held-out reward's change for
+methods that train a policy.
 
     python -m runner.report outputs/multirun/<sweep>        # (re)generate it from a sweep directory at any time
 
@@ -29,6 +31,7 @@ COLUMNS = [
     "peak_mem_mb_per_rank",
     "metric",
     "value",
+    "reward_gain",
     "wall_time_s",
     "reason",
     "overrides",
@@ -99,6 +102,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         if summary.exists():
             s = json.loads(summary.read_text())
             row["metric"], row["value"] = s.get("objective_name"), s.get("objective")
+            row["reward_gain"] = s.get("eval_reward_gain")  # a policy's held-out reward, after minus before
         rows.append(row)
     return rows
 

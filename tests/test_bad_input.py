@@ -276,6 +276,35 @@ def test_ppo_rejects_impossible_settings(tmp_path, exports, overrides, key):
     assert_rejected(result, tmp_path, key)
 
 
+# ------------------------------------------------------------------------------------------------- DPO inputs
+@pytest.mark.parametrize(
+    "overrides, names",
+    [
+        (["step.beta=0"], ["step.beta", "positive"]),
+        (["step.beta=-0.1"], ["step.beta"]),
+        (["step.loss=simpo", "step.reference_from={actor}"], ["step.reference_from", "reference-free"]),
+        (["step.loss=orpo", "step.precompute_reference=true"], ["step.precompute_reference", "reference-free"]),
+        (["step.loss=kto"], ["step.loss", "sigmoid"]),
+        (["step.loss=ipo", "step.label_smoothing=0.1"], ["step.label_smoothing", "sigmoid"]),
+        (["step.init_from={reward}"], ["step.init_from", "reward_model"]),
+        (["reward=model", "reward.terms.0.model={actor}"], ["reward.terms.0.model", "causal_lm"]),
+        (["reward=tiny", "reward.terms.0.fn=runner.rewards.tiny:no_such_function"], ["reward.terms.0.fn"]),
+    ],
+)
+def test_dpo_rejects_bad_settings(tmp_path, exports, overrides, names):
+    given = [o.format(actor=exports["actor"], reward=exports["reward"]) for o in overrides]
+    result = run_cli(tmp_path, "step=dpo", f"step.init_from={exports['actor']}", *given)
+    assert_rejected(result, tmp_path, *names)
+
+
+def test_dpo_rejects_data_without_chosen_and_rejected(tmp_path, exports):
+    path = write_jsonl(tmp_path / "sft_only.jsonl", [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(8)])
+    result = run_cli(
+        tmp_path, "step=dpo", f"step.init_from={exports['actor']}", "data=local", f"data.sets.local.path={path}"
+    )
+    assert_rejected(result, tmp_path, "data.sets.local", "chosen")
+
+
 def test_pipeline_rejects_a_stage_key_outside_a_stage_list(tmp_path):
     result = run_cli(tmp_path, "step=rlhf", "step.kl.coef=0.05")  # Hydra's own check: no such key in the pipeline
     assert_rejected(result, tmp_path, "step.kl.coef")

@@ -4,8 +4,8 @@
     pairs    chosen_ids / rejected_ids = prompt + answer + eos, prompt_len (reward models, DPO)
     prompts  prompt_ids (methods that generate their own answers); an over-long prompt is never cut
 
-Every function returns `overlong` and `keep` columns beside its own: the builder counts the first and filters on the
-second.
+Every function returns `overlong` and `keep` columns beside its own (the builder counts the first and filters on the
+second), and passes the row's `extra` fields (JSON: a reference answer, the row's place in its file) through.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _fit(ids: list[int], max_len: int, policy: str) -> tuple[list[int] | None, b
 def sft(batch: dict, tok, max_len: int, policy: str) -> dict:
     prompts = tok(batch["prompt"], add_special_tokens=True)["input_ids"]
     answers = tok(batch["target"], add_special_tokens=False)["input_ids"]
-    out: dict[str, list] = {"input_ids": [], "prompt_len": [], "overlong": [], "keep": []}
+    out: dict[str, list] = {"input_ids": [], "prompt_len": [], "extra": batch["extra"], "overlong": [], "keep": []}
     for p, a in zip(prompts, answers):
         ids, over = _fit(p + a + [tok.eos_token_id], max_len, policy)
         out["input_ids"].append(ids or [])
@@ -35,7 +35,14 @@ def pairs(batch: dict, tok, max_len: int, policy: str) -> dict:
     chosen = tok(batch["chosen"], add_special_tokens=False)["input_ids"]
     rejected = tok(batch["rejected"], add_special_tokens=False)["input_ids"]
     eos = [tok.eos_token_id]
-    out: dict[str, list] = {"chosen_ids": [], "rejected_ids": [], "prompt_len": [], "overlong": [], "keep": []}
+    out: dict[str, list] = {
+        "chosen_ids": [],
+        "rejected_ids": [],
+        "prompt_len": [],
+        "extra": batch["extra"],
+        "overlong": [],
+        "keep": [],
+    }
     for p, c, r in zip(prompts, chosen, rejected):
         c_ids, c_over = _fit(p + c + eos, max_len, policy)
         r_ids, r_over = _fit(p + r + eos, max_len, policy)
@@ -50,14 +57,14 @@ def pairs(batch: dict, tok, max_len: int, policy: str) -> dict:
 def prompts(batch: dict, tok, max_len: int, policy: str) -> dict:
     ids = tok(batch["prompt"], add_special_tokens=True)["input_ids"]
     over = [len(p) > max_len for p in ids]
-    return {"prompt_ids": ids, "overlong": over, "keep": [not o for o in over]}
+    return {"prompt_ids": ids, "extra": batch["extra"], "overlong": over, "keep": [not o for o in over]}
 
 
 KINDS = {"sft": sft, "pairs": pairs, "prompts": prompts}
 COLUMNS = {
-    "sft": ("input_ids", "prompt_len"),
-    "pairs": ("chosen_ids", "rejected_ids", "prompt_len"),
-    "prompts": ("prompt_ids",),
+    "sft": ("input_ids", "prompt_len", "extra"),
+    "pairs": ("chosen_ids", "rejected_ids", "prompt_len", "extra"),
+    "prompts": ("prompt_ids", "extra"),
 }
 
 

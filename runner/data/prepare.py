@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from runner.data import kinds, rows, sources
 from runner.errors import ConfigError
 
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 DS_CHAT_SPLIT = ("sft", "reward", "ppo")  # the order of DeepSpeed-Chat's data_split list (2,4,4)
 
 

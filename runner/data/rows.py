@@ -3,13 +3,15 @@ data set's YAML says (its format, field mapping, template), for one kind of rows
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from omegaconf import DictConfig
 
 from runner.errors import ConfigError
 
-EMPTY = {"prompt": "", "chosen": "", "rejected": "", "target": ""}
+EMPTY = {"prompt": "", "chosen": "", "rejected": "", "target": "", "extra": "{}"}
+ROLES = {"prompt", "chosen", "rejected", "response", "answer_a", "answer_b", "score_a", "score_b", "label"}
 
 
 class BadRow(ValueError):
@@ -80,26 +82,32 @@ def normalize(row: dict, ds: DictConfig, kind: str) -> dict[str, str]:
         target = ""
     if kind == "pairs" and chosen == rejected:
         raise BadRow("chosen and rejected are identical")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "target": target}
+    # any other mapped field (a reference answer, a task id) travels with the row, to the reward functions
+    extra = {role: _field(row, dotted) for role, dotted in f.items() if role not in ROLES}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "target": target, "extra": extra}
 
 
 def normalize_split(split, name: str, ds: DictConfig, kind: str, policy: str, where: str):
     """A split's rows normalised; bad rows stop the run (policy error) or are dropped and counted (skip)."""
 
     def fn(batch: dict) -> dict:
-        out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "target": [], "bad": []}
+        out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "target": [], "extra": [], "bad": []}
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
         for row in rows:
             place = row.pop("__row__")
             try:
                 norm, bad = normalize(row, ds, kind), ""
+                norm["extra"] = json.dumps({**norm["extra"], "__row__": f"{where}, {place}"}, default=str)
             except BadRow as exc:
                 if policy == "error":
-                    raise ConfigError(
-                        f"data.sets.{name}",
-                        f"{where}, {place}: {exc}",
-                        "fix the row, or set data.bad_rows=skip to drop such rows (they are counted)",
-                    ) from None
+                    fix = "fix the row, or set data.bad_rows=skip to drop such rows (they are counted)"
+                    if str(exc).startswith("has no field"):  # a whole file in another layout, most likely
+                        roles = ", ".join(f"{r}={v}" for r, v in ds.fields.items() if v)
+                        fix = (
+                            f"its fields are {', '.join(sorted(row))}; this method reads {kind} rows ({roles}): map "
+                            f"them with data.sets.{name}.fields.<role>=<field>, or use a data set of that kind"
+                        )
+                    raise ConfigError(f"data.sets.{name}", f"{where}, {place}: {exc}", fix) from None
                 norm, bad = EMPTY, str(exc)
             for k, v in norm.items():
                 out[k].append(v)

@@ -224,3 +224,48 @@ def writable_dir(path: Path, key: str) -> None:
         ) from None
     if not os.access(existing, os.W_OK):
         raise ConfigError(key, f"{path} cannot be written: {existing} is not writable", f"choose a writable {key}")
+
+
+def reward(cfg: DictConfig, required: bool = False, key: str = "reward") -> None:
+    """The `reward` group's terms: each a function `package.module:function` that exists, or a reward-model export,
+    with a numeric weight. `required`: the method trains on it (an empty reward is an error)."""
+    import importlib
+
+    terms = OmegaConf.select(cfg, f"{key}.terms") or []
+    if required and not terms:
+        raise ConfigError(
+            key,
+            "has no terms, and this method trains on the reward",
+            "choose one: reward=tiny, reward=gsm8k, reward=model reward.terms.0.model=DIR, or your own",
+        )
+    for i, term in enumerate(terms):
+        where = f"{key}.terms.{i}"
+        if bool(term.get("fn")) == bool(term.get("model")):
+            raise ConfigError(where, "needs exactly one of `fn` (package.module:function) or `model` (a reward export)")
+        if not _number(term.get("weight", 1.0)):
+            raise ConfigError(f"{where}.weight", f"must be a number, got {term.get('weight')!r}")
+        if term.get("fn"):
+            module, sep, name = str(term.fn).partition(":")
+            try:
+                found = sep and hasattr(importlib.import_module(module), name)
+            except ImportError as exc:
+                raise ConfigError(
+                    f"{where}.fn",
+                    f"cannot import {module!r}: {exc}",
+                    "give package.module:function of an importable module (on PYTHONPATH)",
+                ) from None
+            if not found:
+                raise ConfigError(
+                    f"{where}.fn",
+                    f"{term.fn!r} is not package.module:function with that function",
+                    "e.g. runner.rewards.tiny:ground_truth",
+                )
+        else:
+            term.model = source(
+                f"{where}.model",
+                str(term.model),
+                ("reward_model", "critic"),
+                "a reward model (a reward export)",
+                "outputs/reward/<run>/export",
+                bool(cfg.step.get("pending_exports")),
+            )

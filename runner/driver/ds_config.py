@@ -143,3 +143,14 @@ def inference_config(cfg: DictConfig, world_size: int, micro: int, stage: int, o
     ds["fp16"] = {"enabled": dtype == "fp16"}
     ds["bf16"] = {"enabled": dtype == "bf16"}
     return ds
+
+
+def judge_configs(cfg: DictConfig, world_size: int, micro: int) -> dict[str, dict[str, Any]]:
+    """A frozen engine for every reward-model term of the `reward` group: ds_config.judge<i>.json (ZeRO-3 when the
+    trained model is)."""
+    terms = OmegaConf.select(cfg, "reward.terms") or []
+    return {
+        f"judge{i}": inference_config(cfg, world_size, micro, int(cfg.zero.stage), False)
+        for i, term in enumerate(terms)
+        if term.get("model")
+    }

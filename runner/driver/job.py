@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from runner.driver import checks, ds_check, launch, plan as planning, resume as resuming
-from runner.driver.memory import model_state_memory
+from runner.driver.memory import run_memory
 from runner.errors import ConfigError
 from runner.overrides import secret_keys
 from runner.paths import is_local_path
@@ -146,7 +146,10 @@ def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False) -> Launch
     if p.deployment.name == "multi_node":
         env["DS_ENV_FILE"] = str(run_dir / "deepspeed_env")
     largest = p.cfg.model.get("largest_layer_params") or modeling.largest_layer(p.cfg.model, loaded.get("tok"))
-    memory = model_state_memory(p.cfg, arch_params, largest, max(p.nodes.values()), len(p.nodes))
+    sizes = {"": (arch_params, largest)}
+    for name, source in method.engine_sources(p.cfg).items():
+        sizes[name] = modeling.weights_numel(source) if source else None
+    memory = run_memory(p.cfg, configs, sizes, max(p.nodes.values()), len(p.nodes))
     return Launch(
         p, run_dir, configs, launch.launcher_command(p.deployment, str(run_dir)), env, secret_env, memory, notes, resume
     )

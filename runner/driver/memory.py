@@ -69,3 +69,54 @@ def zero2_model_states(
     if offload_optimizer:
         return int(params * max(4 * gpus, 16) * buffer), int(2 * params)
     return int(params * 4 * gpus_per_node * buffer), int(2 * params + int(18 * params / gpus))
+
+
+def frozen_model_memory(params: int, largest: int, ds: dict, gpus_per_node: int, nodes: int) -> tuple[int, int]:
+    """(CPU bytes per node, bytes per device) of a frozen engine (a reference, a reward model): its weights only, in
+    the engine's dtype. ZeRO-3 partitions them over every device and gathers one layer at a time; offloaded, the
+    partitions live in the node's CPU memory."""
+    width = 2 if any(ds.get(k, {}).get("enabled") for k in ("bf16", "fp16")) else 4
+    zero = ds.get("zero_optimization", {})
+    gpus = gpus_per_node * nodes
+    if zero.get("stage") != 3:
+        return 0, width * params
+    if (zero.get("offload_param") or {}).get("device", "none") != "none":
+        return int(width * params / nodes), width * largest
+    return 0, int(width * params / gpus) + width * largest
+
+
+def run_memory(cfg: DictConfig, configs: dict, sizes: dict, gpus_per_node: int, nodes: int) -> dict:
+    """The model states of every engine of a run, per device and per node's CPU: trained engines by
+    model_state_memory (with their own ZeRO settings), frozen ones by frozen_model_memory. `sizes` maps an engine's
+    name to (parameters, largest layer's parameters); "" is the trained model."""
+    params, largest = sizes[""]
+    trained = model_state_memory(cfg, params, largest, gpus_per_node, nodes)
+    engines = {
+        "": {
+            "per_device_gb": trained["per_device_gb"],
+            "per_node_cpu_gb": trained["per_node_cpu_gb"],
+            "num_params": params,
+            "trained": True,
+        }
+    }
+    for name, ds in configs.items():
+        if not name:
+            continue
+        n, big = sizes.get(name) or sizes[""]
+        if "optimizer" in ds:  # another trained model (PPO's critic)
+            own = model_state_memory(OmegaConf.create({"zero": ds["zero_optimization"]}), n, big, gpus_per_node, nodes)
+            cpu, dev = own["per_node_cpu_gb"] * GB, own["per_device_gb"] * GB
+        else:
+            cpu, dev = frozen_model_memory(n, big, ds, gpus_per_node, nodes)
+        engines[name] = {
+            "per_device_gb": dev / GB,
+            "per_node_cpu_gb": cpu / GB,
+            "num_params": n,
+            "trained": "optimizer" in ds,
+        }
+    return {
+        **trained,
+        "per_device_gb": sum(e["per_device_gb"] for e in engines.values()),
+        "per_node_cpu_gb": sum(e["per_node_cpu_gb"] for e in engines.values()),
+        "engines": engines,
+    }

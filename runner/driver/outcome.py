@@ -49,7 +49,31 @@ def record(run_dir: Path, overrides: list[str], outcome: supervise.Outcome, wall
         f"done in {wall:.0f} s: summary {path}"
         + (f", model {summary['export_dir']}" if summary.get("export_dir") else "")
     )
+    for line in verdict(summary):
+        print(line, file=sys.stderr if line.startswith("warning") else sys.stdout)
     return summary
+
+
+def verdict(summary: dict, stage: str = "") -> list[str]:
+    """Did it work? The held-out metric, and for a method that trains a policy its judge's mean score of answers to
+    held-out prompts before and after (a warning when it fell)."""
+    who, lines = f"{stage}: " if stage else "", []
+    name, value = summary.get("objective_name"), summary.get("objective")
+    if isinstance(value, (int, float)) and name != "reward_mean":
+        lines.append(f"{who}held-out {name}: {value:.4g}")
+    gain = summary.get("eval_reward_gain")
+    if isinstance(gain, (int, float)):
+        judge = summary.get("eval_judge") or "the judge"
+        lines.append(
+            f"{who}held-out reward ({judge}): {summary['eval_reward_initial']:.3f} before training -> "
+            f"{summary['eval_reward_final']:.3f} after ({gain:+.3f})"
+        )
+        if gain < 0:
+            lines.append(
+                f"warning: {who}the trained policy's answers to held-out prompts score lower than its starting "
+                f"point's ({gain:+.3f} by {judge}): it got worse; see eval/reward_mean in metrics.jsonl"
+            )
+    return lines
 
 
 def status(run_dir: Path, state: str, overrides: list[str], **extra) -> None:

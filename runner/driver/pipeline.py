@@ -19,7 +19,7 @@ import yaml
 from omegaconf import DictConfig, open_dict
 
 from runner import stages as methods
-from runner.driver import rundir
+from runner.driver import outcome, rundir
 from runner.errors import ConfigError
 from runner.overrides import key as key_of, merge, redact
 
@@ -194,17 +194,16 @@ def _run_stages(cfg: DictConfig, stages: list[str], per_stage: dict, pipeline_di
     summary = _write_summary(pipeline_dir, stages, results)
     print(f"\npipeline done: {pipeline_dir}")
     for name in stages:
-        if name in summary and summary[name].get("eval_reward_gain") is not None:
-            s = summary[name]
-            print(
-                f"{name} moved the mean reward on held-out prompts from {s['eval_reward_initial']:.3f} (its "
-                f"starting policy) to {s['eval_reward_final']:.3f} ({s['eval_reward_gain']:+.3f}); model: "
-                f"{s.get('export_dir')}"
-            )
+        done = results.get(name, {}).get("summary") or {}
+        for line in outcome.verdict(done, name):
+            print(line, file=sys.stderr if line.startswith("warning") else sys.stdout)
+        if done.get("export_dir"):
+            print(f"{name}: model {done['export_dir']}")
     return summary.get("objective")
 
 
 POLICY_KEYS = (
+    "eval_judge",
     "eval_reward_initial",
     "eval_reward_final",
     "eval_reward_gain",

@@ -23,7 +23,19 @@ def plan(cfg, configs: dict, cmd: list[str], env: dict, memory: dict | None, not
         print(
             f"\n# model-state memory ({memory['source']})\n"
             f"parameters: {memory['num_params']:,}   devices: {memory['devices']}\n"
-            f"per device: {memory['per_device_gb']:.2f} GiB   per node (CPU): {memory['per_node_cpu_gb']:.2f} GiB"
+            f"per device: {gib(memory['per_device_gb'])}   per node (CPU): {gib(memory['per_node_cpu_gb'])}"
         )
+        engines = memory.get("engines") or {}
+        for name, e in engines.items() if len(engines) > 1 else ():
+            role = "trained" if e["trained"] else "frozen"
+            print(
+                f"  {name or 'model'} ({role}, {e['num_params']:,} parameters): {gib(e['per_device_gb'])} per "
+                f"device, {gib(e['per_node_cpu_gb'])} CPU per node"
+            )
     for note in notes:
         print(f"note: {note}")
+
+
+def gib(value: float) -> str:
+    """A size given in GiB, in GiB, or in MiB when under one."""
+    return f"{value:.2f} GiB" if value >= 1 or value == 0 else f"{value * 1024:.1f} MiB"

@@ -18,7 +18,7 @@ import dataclasses
 from pathlib import Path
 from typing import ClassVar
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +73,12 @@ class Method:
         """Data beside the stage's rows (PPO's pretraining mixture), prepared by the driver; recorded in runtime.
         `tokenizer()` returns the run's tokenizer (loaded when first asked for)."""
         return None
+
+    def engine_sources(self, cfg: DictConfig) -> dict[str, str | None]:
+        """The model each engine beside the trained one loads (None: a copy of the trained model), for the memory
+        plan; the judge's reward models by default."""
+        terms = OmegaConf.select(cfg, "reward.terms") or []
+        return {f"judge{i}": str(t.model) for i, t in enumerate(terms) if t.get("model")}
 
     def engine_configs(self, cfg: DictConfig, world: int, total_steps: int, run_dir: str) -> dict[str, dict]:
         """Every DeepSpeed engine's JSON: "" is the trained model's (ds_config.json), others ds_config.<name>.json."""

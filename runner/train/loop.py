@@ -145,7 +145,7 @@ def run(task: Task, cfg: DictConfig, run_dir: Path, dist: Dist) -> dict | None:
         "zero_partitioned_numel": partitions.popitem()[1] if len(partitions) == 1 else partitions,
     }
     if task.evaluate_first:  # a policy's held-out reward before training and after it
-        initial, final = loop["eval_initial"][task.objective], last[task.objective]
+        initial, final = loop["eval_initial"]["reward_mean"], last["reward_mean"]
         summary.update(eval_reward_initial=initial, eval_reward_final=final, eval_reward_gain=final - initial)
     metrics.close(summary)
     life.end("completed", step=step)
@@ -166,8 +166,6 @@ class Supervised:
     """A task trained on a per-batch loss over a tokenised data set: gradient accumulation over
     train.gradient_accumulation_steps micro-batches, losses and throughput averaged over each logging interval."""
 
-    evaluate_first = False
-
     def __init__(
         self,
         name: str,
@@ -182,8 +180,11 @@ class Supervised:
         objective: str,
         best: str | None = None,
         best_mode: str = "max",
+        judge: str | None = None,
     ):
         self.name, self.engine, self.loss, self._evaluate, self._export = name, engine, loss, evaluate, export
+        self.judge = judge  # a policy judged on held-out prompts (by what, in words): its starting point too
+        self.evaluate_first = judge is not None
         self.engines = {"model": engine}
         self.train_set, self.collate, self.dist = train_set, collate, dist
         self.objective, self.best, self.best_mode, self.headline = objective, best, best_mode, "loss"
@@ -256,7 +257,8 @@ class Supervised:
         self.speed.reset()
 
     def summary(self) -> dict:
-        return {"epochs_started": self.cursor.epoch + 1, "tokens_trained": self.tokens}
+        out = {"epochs_started": self.cursor.epoch + 1, "tokens_trained": self.tokens}
+        return {**out, "eval_judge": self.judge} if self.judge else out
 
     def notes(self) -> list[str]:
         return []

@@ -3,6 +3,7 @@ an architecture, partitioned at construction under ZeRO-3; LoRA adapters in and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -147,3 +148,25 @@ def load_scalar_model(
     config.pad_token_id = pad_token_id
     net = _build(AutoModelForSequenceClassification, model, config, ds_config, dtype, gradient_checkpointing)
     return ScalarHeadModel(apply_lora(net, lora, lora_r) if lora is not None and lora_r else net)
+
+
+@contextlib.contextmanager
+def adapters_off(module: torch.nn.Module):
+    """The model without its LoRA adapters (peft's layers bypassed) for the duration: the base model, for a
+    reference that needs no second copy."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield module
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def positions(module: torch.nn.Module) -> int | None:
+    """The model's maximum sequence length (max_position_embeddings), None if it does not say."""
+    config = getattr(getattr(module, "hf", module), "config", None)
+    return getattr(config, "max_position_embeddings", None)

@@ -54,12 +54,12 @@ def experience(
     pad_id: int,
     device,
     policy,
-    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    score: Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor],
     reference=None,
     critic=None,
 ) -> Experience:
     """Prompt+answer rows, right-padded, scored: the answer tokens' log-probs under the policy (and the reference),
-    the policy's mean entropy over them, the critic's values, and `score(ids, mask)` per answer."""
+    the policy's mean entropy over them, the critic's values, and `score(ids, mask, prompt_lens)` per answer."""
     ids, mask = pad([p + a for p, a in zip(prompts, answers)], pad_id)
     actions = action_mask([len(p) for p in prompts], [len(a) for a in answers], ids.size(1))
     ids, mask, actions = ids.to(device), mask.to(device), actions.to(device)
@@ -73,7 +73,7 @@ def experience(
             logprobs_of(reference(input_ids=ids, attention_mask=mask).logits, ids) if reference is not None else None
         )
         values = critic(ids, mask)[:, :-1] if critic is not None else None
-        scores = score(ids, mask)
+        scores = score(ids, mask, [len(p) for p in prompts])
     policy.train()
     return Experience(
         input_ids=ids,
@@ -100,3 +100,31 @@ def hybrid_engine_status(actor, enabled: bool) -> str | None:
         f"{type(actor.module).__name__}, so it cannot be applied: rollouts use the model's own generate() "
         "(same results, no speed-up)"
     )
+
+
+def make_judge(cfg: DictConfig, run_dir, tokenizer, pad_id: int):
+    """The `reward` group as a Judge on this rank: its functions, and a frozen engine for each reward-model term
+    (ds_config.judge<i>.json)."""
+    from omegaconf import OmegaConf
+
+    from runner.rewards.judge import Judge
+    from runner.train import engine as eng, models
+
+    models_ = {}
+    for i, term in enumerate(cfg.reward.terms):
+        if term.get("model"):
+            ds = eng.ds_config(run_dir, f"judge{i}")
+            source = OmegaConf.create({"path": term.model, "dropout": None})
+            models_[i] = eng.initialize_frozen(models.load_scalar_model(source, ds, cfg.precision.dtype, pad_id), ds)
+    return Judge(cfg.reward, tokenizer, models_)
+
+
+def capped(config, positions: int | None, longest_prompt: int):
+    """A generation config whose answers fit the model's positions after the longest prompt of the batch."""
+    import copy
+
+    if positions is None or longest_prompt + config.max_new_tokens <= positions:
+        return config
+    config = copy.deepcopy(config)
+    config.max_new_tokens = max(1, positions - longest_prompt)
+    return config

@@ -10,19 +10,21 @@ reference, the critic (trained, from the reward export) and the frozen reward mo
    (+ the pretraining-loss mixture) -> actor step; clipped value loss -> critic step;
 4. the EMA of the actor.
 
-Evaluation (step 0 = the SFT policy, every train.eval_every steps, the end): mean reward-model score of answers to
-the eval prompts, sampled with a fixed seed, so the gain over the SFT policy is measured on the same draws.
+Evaluation (step 0 = the SFT policy, every train.eval_every steps, the end): the mean score of answers to the eval
+prompts, sampled with a fixed seed, so the gain over the SFT policy is measured on the same draws; the score is the
+judge's when the config names one (reward=...: e.g. the tiny task's ground truth), else the reward model's.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from runner import modeling, rl
+from runner import modeling, rewards, rl
 from runner.data import batches
 from runner.data.prepare import load_prepared
 from runner.rl import advantages as estimators
@@ -69,6 +71,7 @@ class PPOTask:
         self.reward = eng.initialize_frozen(
             models.load_scalar_model(source, ds["reward"], dtype, self.pad), ds["reward"]
         )
+        self.judge = rollout.make_judge(cfg, run_dir, tok, self.pad)  # the evaluation's, when reward= names one
         self.engines = {"actor": self.actor, "critic": self.critic}
         self.hybrid = rollout.hybrid_engine_status(self.actor, bool(step_cfg.hybrid_engine.enabled))
         self.ema = EMA(self.actor, float(step_cfg.ema.beta), dist) if step_cfg.ema.enabled else None
@@ -152,8 +155,12 @@ class PPOTask:
             self.actor, prompts, config or self.gen_config, self.pad, self.eos, self.dist.device, self.synced
         )
 
-    def experience(self, rows: list[dict], answers: list[list[int]]) -> Experience:
-        score = lambda ids, mask: models.last_token_scores(self.reward(ids, mask), mask)
+    def experience(self, rows: list[dict], answers: list[list[int]], judged: bool = False) -> Experience:
+        if judged:
+            extras = [json.loads(r.get("extra", "{}")) for r in rows]
+            score = lambda ids, mask, prompt_lens: self.judge(ids, mask, prompt_lens, extras)[0]
+        else:
+            score = lambda ids, mask, prompt_lens: models.last_token_scores(self.reward(ids, mask), mask)
         return rollout.experience(
             [r["prompt_ids"] for r in rows],
             answers,
@@ -220,14 +227,15 @@ class PPOTask:
 
     # ------------------------------------------------------------------------------------------ evaluation, exports
     def evaluate(self) -> dict:
-        """Mean reward-model score, KL to the reference and answer length on the eval prompts (fixed seed)."""
+        """Mean score (the judge's, else the reward model's), KL to the reference and answer length on the eval
+        prompts (fixed seed)."""
         max_batches = int(self.cfg.train.eval_max_batches or 0) or None
         return onpolicy.heldout(
             self.eval_prompts,
             self.gen_bs,
             max_batches,
             self.dist,
-            lambda rows: self.experience(rows, self.generate(rows)),
+            lambda rows: self.experience(rows, self.generate(rows), judged=bool(self.judge)),
         )
 
     def export(self, run_dir: Path) -> dict[str, Path]:
@@ -300,6 +308,7 @@ class PPOTask:
             "hybrid_engine": self.hybrid,
             "tokens_trained": self.tokens,
             "eval_prompts_note": "eval split prompts (never trained on); initial = the SFT policy before PPO",
+            "eval_judge": rewards.describe(self.cfg.reward) or f"the reward model {self.step_cfg.reward_from}",
         }
 
     def notes(self) -> list[str]:

@@ -108,6 +108,7 @@ class PPO(Method):
             raise ConfigError("step.kl.type", f"unknown KL controller {step.kl.type!r}", "use fixed or adaptive")
         checks.in_range(cfg, 0, 1, "step.gamma", "step.lam", "step.ema.beta")
         checks.generation(cfg)
+        checks.reward(cfg)
         checks.positive(cfg, "step.cliprange", "step.cliprange_value", example="0.2")
         checks.non_negative(
             cfg,
@@ -145,6 +146,10 @@ class PPO(Method):
         spec = OmegaConf.create({k: uns[k] for k in ("path", "config_name", "split", "field")})
         return {"unsupervised": prepare_text_blocks(spec, "step.unsupervised", tokenizer(), block, cache_root)}
 
+    def engine_sources(self, cfg: DictConfig) -> dict[str, str | None]:
+        step = cfg.step
+        return {**super().engine_sources(cfg), "critic": step.critic_from, "reward": step.reward_from}
+
     def engine_configs(self, cfg: DictConfig, world: int, total_steps: int, run_dir: str) -> dict[str, dict]:
         """The four engines from the same resolved config:
 
@@ -153,8 +158,9 @@ class PPO(Method):
         critic     the same with step.critic's, and no monitor (the actor's logs the run)
         reference  inference_config: ZeRO-3 if the actor is ZeRO-3 or step.reference.offload
         reward     inference_config: ZeRO-3 if the critic is ZeRO-3 or step.reward_model.offload
+        judge<i>   the evaluation's reward models (reward=model), when the config names them
         """
-        from runner.driver.ds_config import build_ds_config, inference_config
+        from runner.driver.ds_config import build_ds_config, inference_config, judge_configs
 
         steps = total_steps * optimizer_steps_per_step(cfg)
         actor = build_ds_config(role_config(cfg, "actor"), world, steps, run_dir)
@@ -171,6 +177,7 @@ class PPO(Method):
             "reward": inference_config(
                 cfg, world, micro, int(cfg.step.critic.zero.stage), bool(cfg.step.reward_model.offload)
             ),
+            **judge_configs(cfg, world, micro),
         }
 
 
