@@ -186,6 +186,7 @@ def write(sweep_dir: Path) -> Path | None:
         f"# Sweep report: {sweep_dir}\n\n"
         + ", ".join(f"{n} {s}" for s, n in counts.items())
         + "\n\n"
+        + best_line(rows)
         + head
         + "\n"
         + body
@@ -194,6 +195,26 @@ def write(sweep_dir: Path) -> Path | None:
     )
     (sweep_dir / "report.md").write_text(text)
     return sweep_dir / "report.md"
+
+
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def best_line(rows: list[dict]) -> str:
+    """The best completed point by its held-out objective (lower for losses, higher otherwise), and the best
+    judged reward gain when points have one."""
+    done = [r for r in rows if r["status"] == "completed" and isinstance(r.get("value"), (int, float))]
+    lines = []
+    if done and len({r["metric"] for r in done}) == 1:
+        metric = done[0]["metric"]
+        pick = min if any(w in str(metric) for w in LOWER_IS_BETTER) else max
+        best = pick(done, key=lambda r: r["value"])
+        lines.append(f"best {metric}: {best['value']:.4g} at point {best['point']} (`{best['overrides']}`)")
+    gains = [r for r in done if isinstance(r.get("reward_gain"), (int, float))]
+    if gains:
+        best = max(gains, key=lambda r: r["reward_gain"])
+        lines.append(f"best held-out reward gain: {best['reward_gain']:+.4g} at point {best['point']}")
+    return "".join(f"{line}\n\n" for line in lines)
 
 
 class SweepReport(Callback):

@@ -358,3 +358,10 @@ def test_a_model_directory_without_weights(tmp_path):
     shutil.copytree(fake_exports()[0], model)
     (model / "model.safetensors").unlink()
     assert_rejected(run_cli(tmp_path, f"model.path={model}"), tmp_path, "model.path", "no weights")
+
+
+def test_fewer_samples_than_one_batch_even_with_max_steps(tmp_path):
+    rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(10)]
+    path = write_jsonl(tmp_path / "small.jsonl", rows)
+    result = run_cli(tmp_path, "data=local", f"data.sets.local.path={path}", "train.max_steps=5")
+    assert_rejected(result, tmp_path, "train.micro_batch_size", "fewer than one step")

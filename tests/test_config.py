@@ -28,7 +28,6 @@ from runner.driver.ds_config import build_ds_config
 from runner.driver.plan import Hardware, make_plan
 from runner.errors import ConfigError
 from runner.paths import is_local_path
-from runner.stages.ppo.spec import PPO
 from tests.helpers import CONF, CPU, GPU, REPO, TINY_TOKENIZER, TINY_TRAIN, ds_parse, fake_exports
 
 RUN = "/runs/sft/2026-01-01_00-00-00"
@@ -40,9 +39,11 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-GROUPS = ["step", "model", "data", "zero", "precision", "optimizer", "scheduler", "logger", "deployment"]
+GROUPS = ["step", "model", "data", "zero", "precision", "optimizer", "scheduler", "logger", "deployment", "reward"]
 ALL_RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
-PIPELINE_RECIPES = [r for r in ALL_RECIPES if r.startswith("rlhf_")]  # step=rlhf: three stages each
+PIPELINE_RECIPES = [  # step=rlhf: several stages each
+    r for r in ALL_RECIPES if {"override /step": "rlhf"} in OmegaConf.load(REPO / "recipes" / f"{r}.yaml").defaults
+]
 RECIPES = [r for r in ALL_RECIPES if r not in PIPELINE_RECIPES]
 PRESETS = options("model")
 SIZED_PRESETS = [m for m in PRESETS if OmegaConf.load(CONF / "model" / f"{m}.yaml").get("num_params")]
@@ -148,6 +149,7 @@ def test_every_group_and_recipe_is_discovered():
 # What an option needs beside itself to make a valid run: a data file, a hostfile, a model with 512 positions.
 OPTION_NEEDS = {
     ("data", "local"): lambda hf: [f"data.sets.local.path={TINY_TRAIN}"],
+    ("reward", "model"): lambda hf: [f"reward.terms.0.model={fake_exports()[1]}"],
     ("deployment", "multi_node"): lambda hf: [f"deployment.hostfile={hf()}"],
     ("step", "ppo"): lambda hf: [
         f"step.actor_from={fake_exports()[0]}",
@@ -223,19 +225,22 @@ def test_every_recipe_composes_and_plans(compose, recipe):
 
 
 @pytest.mark.parametrize("recipe", PIPELINE_RECIPES)
-def test_every_pipeline_recipe_plans_all_three_stages(compose, hostfile, recipe, tmp_path):
-    """Each stage of a pipeline recipe composes as the pipeline composes it and plans (PPO with its exports still
-    to come); the stages' own lists reach them."""
+def test_every_pipeline_recipe_plans_all_its_stages(compose, hostfile, recipe, tmp_path):
+    """Each stage of a pipeline recipe composes as the pipeline composes it and plans (later stages with their
+    exports still to come); the stages' own lists reach them; every engine's JSON passes DeepSpeed's parser."""
+    from runner import stages
+
     base = [f"recipe={recipe}"] + ([f"deployment.hostfile={hostfile()}"] if "multi_node" in recipe else [])
     plans = plan_pipeline(compose, base, tmp_path)
-    assert list(plans) == ["sft", "reward", "ppo"]
+    raw = OmegaConf.load(REPO / "recipes" / f"{recipe}.yaml")
+    assert list(plans) == list(raw.step.get("stages") or ["sft", "reward", "ppo"])
     for name, plan in plans.items():
         assert plan.cfg.run_dir == str(tmp_path / name)
-        if name == "ppo":
-            configs = PPO().engine_configs(plan.cfg, plan.world_size, 10, RUN)
-            for ds in configs.values():
-                ds_parse(ds, plan.world_size)
-            assert plan.cfg.step.actor_from == str(tmp_path / "sft" / "export")
+        for ds in stages.get(name).engine_configs(plan.cfg, plan.world_size, 10, RUN).values():
+            ds_parse(ds, plan.world_size)
+        if name in ("ppo", "dpo"):  # the policy starts from the SFT stage's export
+            start = plan.cfg.step.actor_from if name == "ppo" else plan.cfg.step.init_from
+            assert start == str(tmp_path / "sft" / "export")
 
 
 def test_recipe_values(compose):
@@ -965,6 +970,31 @@ def test_memory_falls_with_the_stage_and_with_offload(compose):
     one_gpu = _memory(compose, "stage3", "single_gpu")["per_device_gb"]
     assert gb["stage3"] < one_gpu  # ZeRO-3 shards over the 8 GPUs
     assert _memory(compose, "stage0", "single_gpu")["per_device_gb"] == pytest.approx(gb["stage0"])  # nothing sharded
+
+
+def test_memory_plans_every_engine_of_a_run(compose):
+    """DPO's frozen reference on top of the policy: its 16-bit weights, all of them without ZeRO-3, a 1/N partition and
+    the largest layer with it, on the CPU when offloaded; with LoRA (adapters off) there is no reference engine."""
+    from runner.driver.ds_config import inference_config
+    from runner.stages.dpo.spec import DPO
+
+    params, largest = 1315758080, 102957056
+    cfg = make_plan(compose(["step=dpo", "model=opt-1.3b", "zero=stage2", "deployment=single_node"]), GPU).cfg
+    sizes = {"": (params, largest)}
+    policy = memory.model_state_memory(cfg, params, largest, 8, 1)["per_device_gb"]
+    for stage, offload, device_gb, cpu_gb in [
+        (0, False, 2 * params / GiB, 0),
+        (3, False, (2 * params / 8 + 2 * largest) / GiB, 0),
+        (3, True, 2 * largest / GiB, 2 * params / GiB),
+    ]:
+        configs = {"": {}, "reference": inference_config(cfg, 8, 4, stage, offload)}
+        m = memory.run_memory(cfg, configs, sizes, 8, 1)
+        ref = m["engines"]["reference"]
+        assert not ref["trained"] and ref["num_params"] == params
+        assert ref["per_device_gb"] == pytest.approx(device_gb) and ref["per_node_cpu_gb"] == pytest.approx(cpu_gb)
+        assert m["per_device_gb"] == pytest.approx(policy + device_gb)
+    lora = make_plan(compose(["step=dpo", "model=opt-1.3b", "lora.r=8", "deployment=single_node"]), GPU).cfg
+    assert set(DPO().engine_configs(lora, 8, 10, "/tmp/x")) == {""}  # the reference is the policy, adapters off
 
 
 # ----------------------------------------------------------------------------- 7. dry run through the real CLI

@@ -5,6 +5,7 @@ another layout are refused before anything is written."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -303,3 +304,22 @@ def test_a_stop_signal_reaches_the_ranks_and_then_submitits_requeue(tmp_path):
         signal.signal(signal.SIGUSR2, previous)
     assert outcome.rc == 0 and outcome.stop_requested == "SIGUSR2" and called == [signal.SIGUSR2]
     assert "stopped" in (tmp_path / "launch.log").read_text() and not (tmp_path / "STOP").exists()
+
+
+def test_sweep_report_ranks_points_by_their_heldout_metric(tmp_path):
+    """A DPO sweep over beta: the report's rows carry each point's held-out accuracy and judged reward gain, and it
+    names the best point by each."""
+    from runner import report
+
+    for i, (beta, acc, gain) in enumerate([(0.05, 0.81, 0.30), (0.1, 0.88, 0.12), (0.5, 0.86, -0.05)]):
+        point = tmp_path / str(i)
+        point.mkdir()
+        overrides = ["step=dpo", f"step.beta={beta}"]
+        (point / "status.json").write_text(json.dumps({"status": "completed", "overrides": overrides}))
+        s = {"objective_name": "accuracy", "objective": acc, "eval_reward_gain": gain}
+        (point / "summary.json").write_text(json.dumps(s))
+    text = report.write(tmp_path).read_text()
+    assert "best accuracy: 0.88 at point 1 (`step=dpo step.beta=0.1`)" in text
+    assert "best held-out reward gain: +0.3 at point 0" in text
+    rows = list(csv.DictReader(open(tmp_path / "report.csv")))
+    assert [(r["metric"], r["value"], r["reward_gain"]) for r in rows][2] == ("accuracy", "0.86", "-0.05")

@@ -94,7 +94,7 @@ def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False) -> Launch
     samples, key, what = method.step_samples(p.cfg, p.world_size)
     steps_per_epoch = prepared.counts["train"] // samples if prepared else 0
     total = int(p.cfg.train.max_steps) if p.cfg.train.max_steps else int(p.cfg.train.epochs) * steps_per_epoch
-    if prepared and total < 1:
+    if prepared and (total < 1 or prepared.counts["train"] < samples):  # (whatever train.max_steps says)
         raise ConfigError(
             key,
             f"the training split has {prepared.counts['train']} samples, fewer than one step of {what} = {samples}",

@@ -311,6 +311,7 @@ def make_plan(cfg: DictConfig, hw: Hardware | None = None) -> Plan:
     _resolve_batch(cfg, world)
     model_key = _resolve_sources(cfg, method)
     method.validate(cfg, notes)
+    _validate_reward(cfg, method, notes)
     _validate_model(cfg, notes, model_key)
     _validate_data(cfg, method)
     if not isinstance(cfg.lora.r, int) or cfg.lora.r < 0:
@@ -318,6 +319,21 @@ def make_plan(cfg: DictConfig, hw: Hardware | None = None) -> Plan:
     if cfg.logger.name == "wandb" and cfg.logger.mode not in ("auto", "online", "offline"):
         raise ConfigError("logger.mode", f"unknown wandb mode {cfg.logger.mode!r}", "use auto, online or offline")
     return Plan(cfg=cfg, world_size=world, nodes=nodes, notes=notes, method=method)
+
+
+def _validate_reward(cfg: DictConfig, method, notes: list[str]) -> None:
+    """The judge (`reward` group) of a method that trains a policy; for one that trains none, a note that it is unused
+    (in a pipeline it judges the other stages)."""
+    terms = OmegaConf.select(cfg, "reward.terms") or []
+    if method.judged:
+        checks.reward(cfg)
+        if terms:  # the held-out answers are sampled with step.generation
+            checks.generation(cfg)
+            checks.positive_int(cfg, "step.generation.max_new_tokens")
+    elif terms:
+        notes.append(
+            f"the reward group (reward=...) judges policies; step={method.name} trains none, so it is unused here"
+        )
 
 
 def pending_sources(cfg: DictConfig, method) -> list[str]:

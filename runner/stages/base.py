@@ -42,6 +42,7 @@ class Method:
     recipe: ClassVar[str]
     checkpointed: ClassVar[tuple[str, ...]] = ("",)  # engines its checkpoints hold, by JSON name ("" = the main one)
     max_len_key: ClassVar[str] = "data.max_seq_len"  # the key that bounds a tokenised sample (see max_len)
+    judged: ClassVar[bool] = False  # it trains a policy: the `reward` group judges its answers to held-out prompts
 
     def share_keys(self) -> tuple[str, ...]:
         return self.shares or (self.name,)
@@ -81,7 +82,9 @@ class Method:
         return {f"judge{i}": str(t.model) for i, t in enumerate(terms) if t.get("model")}
 
     def engine_configs(self, cfg: DictConfig, world: int, total_steps: int, run_dir: str) -> dict[str, dict]:
-        """Every DeepSpeed engine's JSON: "" is the trained model's (ds_config.json), others ds_config.<name>.json."""
-        from runner.driver.ds_config import build_ds_config
+        """Every DeepSpeed engine's JSON: "" is the trained model's (ds_config.json), others ds_config.<name>.json
+        (the judge's reward models, judge<i>, for a method that trains a policy)."""
+        from runner.driver.ds_config import build_ds_config, judge_configs
 
-        return {"": build_ds_config(cfg, world, total_steps, run_dir)}
+        configs = {"": build_ds_config(cfg, world, total_steps, run_dir)}
+        return {**configs, **judge_configs(cfg, world, int(cfg.train.micro_batch_size))} if self.judged else configs

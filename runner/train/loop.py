@@ -49,6 +49,7 @@ def run(task: Task, cfg: DictConfig, run_dir: Path, dist: Dist) -> dict | None:
     train_cfg, total = cfg.train, int(cfg.runtime.total_steps)
     life = lifecycle.current()
     loop = {"step": 0, "best": None, "eval_initial": None, "eval_last": None}
+    steady_mb = None  # what is held after a step: the model states (optimizer state exists from the first step)
     if cfg.resume:
         state, rank_state = checkpoint.load(task.engines, run_dir, cfg.runtime.resume, dist, int(cfg.seed))
         loop.update(state["loop"])
@@ -83,6 +84,8 @@ def run(task: Task, cfg: DictConfig, run_dir: Path, dist: Dist) -> dict | None:
         log = (step + 1) % log_every == 0 or step + 1 in (total, stop_at)
         values = task.train_step(step + 1, log)
         step += 1
+        if steady_mb is None:
+            steady_mb = eng.gather_objects(round(eng.memory_mb(dist.device), 1), dist.world)
         loop["step"] = step
         metrics.advance()
         if log:
@@ -139,6 +142,7 @@ def run(task: Task, cfg: DictConfig, run_dir: Path, dist: Dist) -> dict | None:
         "objective_name": task.objective,
         "best": {task.best: loop["best"]} if task.best else None,
         "peak_memory_mb": eng.gather_objects(round(eng.peak_memory_mb(dist.device), 1), dist.world),
+        "memory_after_first_step_mb": steady_mb,
         "data": OmegaConf.to_container(cfg.runtime.data.stats) if cfg.runtime.data else None,
         **task.summary(),
         **{k: str(v) for k, v in exports.items()},

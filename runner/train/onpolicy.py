@@ -150,6 +150,47 @@ def heldout(
     }
 
 
+class Prompts:
+    """The prompts of a tokenised split of any kind, as prompt rows: prompt rows as they are, SFT rows and pairs cut
+    at their prompt."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        if "prompt_ids" in row:
+            return row
+        ids = row["input_ids"] if "input_ids" in row else row["chosen_ids"]
+        return {"prompt_ids": ids[: row["prompt_len"]], "extra": row.get("extra", "{}")}
+
+
+def judged_heldout(policy, prompts: Prompts, judge, cfg, dist: Dist, pad: int, eos: int, reference=None) -> dict:
+    """The judge's mean score (and std, answer length, KL to the reference when there is one) of the policy's answers
+    to held-out prompts, sampled with step.generation and a fixed seed (see heldout)."""
+    from runner.train import models, rollout
+
+    gen_config = rollout.generation_config(cfg.step.generation, pad, eos)
+    synced = policy.zero_optimization_partition_weights() and dist.world > 1
+    positions = models.positions(policy.module)
+
+    def sample(rows: list[dict]) -> Experience:
+        prompt_ids = [r["prompt_ids"] for r in rows]
+        config = rollout.capped(gen_config, positions, max(len(p) for p in prompt_ids))
+        answers = rollout.generate(policy, prompt_ids, config, pad, eos, dist.device, synced)
+        extras = [json.loads(r.get("extra") or "{}") for r in rows]
+        score = lambda ids, mask, lens: judge(ids, mask, lens, extras)[0]
+        return rollout.experience(prompt_ids, answers, pad, dist.device, policy, score, reference=reference)
+
+    max_batches = int(cfg.train.eval_max_batches or 0) or None
+    held = heldout(prompts, int(cfg.train.micro_batch_size), max_batches, dist, sample)
+    keys = ("reward_mean", "reward_std", "response_length") + (("kl",) if reference is not None else ())
+    return {k: held[k] for k in keys}
+
+
 def log_samples(
     path: Path, tokenizer, step: int, rows: list[dict], answers: list[list[int]], scores, n: int = 2
 ) -> None:

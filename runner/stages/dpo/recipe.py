@@ -42,20 +42,6 @@ class Indexed:
         return {**self.rows[i], "index": i}
 
 
-class Prompts:
-    """The prompts of a pairs split, as a prompts split (prompt_ids = the chosen sequence up to its prompt)."""
-
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        row = self.rows[i]
-        return {"prompt_ids": row["chosen_ids"][: row["prompt_len"]], "extra": row.get("extra", "{}")}
-
-
 def run(cfg: DictConfig, run_dir: Path, dist: Dist) -> None:
     step, mode = cfg.step, reference_mode(cfg)
     # 1. data and engines
@@ -96,6 +82,7 @@ def run(cfg: DictConfig, run_dir: Path, dist: Dist) -> None:
         preference.get(str(step.loss)),
         {"beta": float(step.beta), "label_smoothing": float(step.label_smoothing), "gamma": float(step.gamma)},
     )
+    sft_coef = float(step.sft_coef)
 
     # 2. the loss
     def logps(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,8 +108,10 @@ def run(cfg: DictConfig, run_dir: Path, dist: Dist) -> None:
         (chosen, rejected), (c_len, r_len) = seq.chunk(2), lens.clamp(min=1).chunk(2)
         ref_c, ref_r = reference_logps(batch, split)
         loss, reward_c, reward_r = loss_fn.fn(chosen, rejected, c_len, r_len, ref_c, ref_r, **settings)
+        nll = -chosen / c_len  # the chosen answer's NLL per token: step.sft_coef adds it (RPO; TRL's rpo_alpha)
         stats = {
-            "loss": loss,
+            "loss": loss + sft_coef * nll if sft_coef else loss,
+            "nll_chosen": nll.detach(),
             "rewards_chosen": reward_c,
             "rewards_rejected": reward_r,
             "margin": reward_c - reward_r,
@@ -140,22 +129,11 @@ def run(cfg: DictConfig, run_dir: Path, dist: Dist) -> None:
         return stats.pop("loss").mean(), {k: v.mean() for k, v in stats.items()}
 
     # 3. evaluation
-    gen_config = rollout.generation_config(step.generation, pad, eos)
-    synced = policy.zero_optimization_partition_weights() and dist.world > 1
-    prompts = Prompts(eval_set.rows)
-    positions = models.positions(policy.module)
+    prompts = onpolicy.Prompts(eval_set.rows)
 
     def pair_sums(batch: dict) -> dict[str, float]:
         stats = pair_stats(batch, "eval")
         return {"pairs": len(stats["loss"]), **{k: float(v.sum()) for k, v in stats.items()}}
-
-    def sample(rows: list[dict]):
-        prompt_ids = [r["prompt_ids"] for r in rows]
-        config = rollout.capped(gen_config, positions, max(len(p) for p in prompt_ids))
-        answers = rollout.generate(policy, prompt_ids, config, pad, eos, dist.device, synced)
-        extras = [json.loads(r["extra"]) for r in rows]
-        score = lambda ids, mask, lens: judge(ids, mask, lens, extras)[0]
-        return rollout.experience(prompt_ids, answers, pad, dist.device, policy, score, reference=reference)
 
     def evaluate() -> dict:
         sums = loop.evaluate_batches(
@@ -164,14 +142,7 @@ def run(cfg: DictConfig, run_dir: Path, dist: Dist) -> None:
         n = max(sums.pop("pairs"), 1)
         out = {k: v / n for k, v in sums.items()}
         if judge:
-            max_batches = int(cfg.train.eval_max_batches or 0) or None
-            held = onpolicy.heldout(prompts, int(cfg.train.micro_batch_size), max_batches, dist, sample)
-            out.update(
-                reward_mean=held["reward_mean"],
-                reward_std=held["reward_std"],
-                response_length=held["response_length"],
-                **({"kl": held["kl"]} if reference else {}),
-            )
+            out.update(onpolicy.judged_heldout(policy, prompts, judge, cfg, dist, pad, eos, reference))
         return out
 
     def export(run_dir: Path) -> dict:

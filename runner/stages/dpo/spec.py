@@ -28,6 +28,7 @@ def reference_mode(cfg: DictConfig) -> str:
 class DPO(Method):
     name = "dpo"
     data = "pairs"
+    judged = True
     shares = ("dpo", "reward")  # its own share if data.split names one, else the reward model's (DS-Chat's step 2)
     sources = (
         Source("init_from", ("causal_lm",), "a causal LM (an SFT export)", "outputs/sft/<run>/export", trains=True),
@@ -44,7 +45,7 @@ class DPO(Method):
             raise ConfigError("step.loss", f"unknown preference loss {step.loss!r}", f"use one of {', '.join(LOSSES)}")
         checks.positive(cfg, "step.beta", example="0.1")
         checks.in_range(cfg, 0, 0.5, "step.label_smoothing")
-        checks.non_negative(cfg, "step.gamma")
+        checks.non_negative(cfg, "step.gamma", "step.sft_coef")
         free = not LOSSES[step.loss].needs_reference
         if free and (step.reference_from is not None or step.precompute_reference):
             raise ConfigError(
@@ -60,9 +61,6 @@ class DPO(Method):
             )
         if step.reference.get("zero") is not None:
             checks.zero(step.reference.zero, "step.reference.zero")
-        checks.generation(cfg)
-        checks.positive_int(cfg, "step.generation.max_new_tokens")
-        checks.reward(cfg)
         mode = reference_mode(cfg)
         notes.append(
             {

@@ -28,6 +28,7 @@ def optimizer_steps_per_step(cfg: DictConfig) -> int:
 class PPO(Method):
     name = "ppo"
     data = "prompts"
+    judged = True
     max_len_key = "step.max_prompt_len"
     sources = (
         Source("actor_from", ("causal_lm",), "a causal LM (an SFT export)", "outputs/sft/<run>/export", trains=True),
@@ -108,7 +109,6 @@ class PPO(Method):
             raise ConfigError("step.kl.type", f"unknown KL controller {step.kl.type!r}", "use fixed or adaptive")
         checks.in_range(cfg, 0, 1, "step.gamma", "step.lam", "step.ema.beta")
         checks.generation(cfg)
-        checks.reward(cfg)
         checks.positive(cfg, "step.cliprange", "step.cliprange_value", example="0.2")
         checks.non_negative(
             cfg,

@@ -9,6 +9,7 @@ from runner.stages.base import Method
 class SFT(Method):
     name = "sft"
     data = "sft"
+    judged = True
     exports = {"export": "causal_lm"}
     recipe = "runner.stages.sft.recipe:run"
 

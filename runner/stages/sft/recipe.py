@@ -1,5 +1,7 @@
 """SFT on the ranks: the loss is on the response tokens only unless step.train_on_prompt; batches are padded to
-their longest sample. Evaluation: loss and perplexity on the eval split. Export: a Hugging Face causal LM."""
+their longest sample. Evaluation: loss and perplexity on the eval split and, when the config names a judge
+(reward=...), its mean score of answers sampled for the eval prompts, before training and after it. Export: a Hugging
+Face causal LM."""
 
 from __future__ import annotations
 
@@ -8,10 +10,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from runner import modeling
+from runner import modeling, rewards
 from runner.data import batches
 from runner.data.prepare import load_prepared
-from runner.train import checkpoint, engine as eng, loop, models
+from runner.train import checkpoint, engine as eng, loop, models, onpolicy, rollout
 from runner.train.engine import Dist
 
 
@@ -26,6 +28,7 @@ def run(cfg: DictConfig, run_dir: Path, dist: Dist) -> None:
         cfg.model, ds_config, cfg.precision.dtype, cfg.train.gradient_checkpointing, cfg.lora, cfg.lora.r
     )
     engine = eng.initialize(model, cfg.optimizer, ds_config)
+    judge, prompts = rollout.make_judge(cfg, run_dir, tokenizer, tokenizer.pad_token_id), onpolicy.Prompts(eval_set)
 
     # 2. the loss, the evaluation and the export
     def loss(batch: dict):
@@ -53,14 +56,30 @@ def run(cfg: DictConfig, run_dir: Path, dist: Dist) -> None:
             token_loss_sums,
         )
         mean = sums["loss_sum"] / max(sums["tokens"], 1)
-        return {"loss": mean, "perplexity": loop.perplexity(mean), "tokens": int(sums["tokens"])}
+        out = {"loss": mean, "perplexity": loop.perplexity(mean), "tokens": int(sums["tokens"])}
+        if judge:
+            pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+            out.update(onpolicy.judged_heldout(engine, prompts, judge, cfg, dist, pad, eos))
+        return out
 
     def export(run_dir: Path) -> dict:
         return checkpoint.export_model(engine, tokenizer, run_dir, dist, cfg, {"kind": "causal_lm", "stage": "sft"})
 
     # 3. the shared loop
     loop.run(
-        loop.Supervised("sft", engine, loss, evaluate, export, train_set, collate, cfg, dist, objective="loss"),
+        loop.Supervised(
+            "sft",
+            engine,
+            loss,
+            evaluate,
+            export,
+            train_set,
+            collate,
+            cfg,
+            dist,
+            objective="loss",
+            judge=rewards.describe(cfg.reward) if judge else None,
+        ),
         cfg,
         run_dir,
         dist,
