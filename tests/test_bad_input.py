@@ -361,7 +361,15 @@ def test_a_model_directory_without_weights(tmp_path):
 
 
 def test_fewer_samples_than_one_batch_even_with_max_steps(tmp_path):
-    rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(10)]
-    path = write_jsonl(tmp_path / "small.jsonl", rows)
-    result = run_cli(tmp_path, "data=local", f"data.sets.local.path={path}", "train.max_steps=5")
-    assert_rejected(result, tmp_path, "train.micro_batch_size", "fewer than one step")
+    rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(20)]
+    path = write_jsonl(tmp_path / "small.jsonl", rows)  # SFT's share: 18 rows for training, 2 for evaluation
+    result = run_cli(
+        tmp_path,
+        "data=local",
+        f"data.sets.local.path={path}",
+        "data.split={sft:1}",
+        "train.max_steps=5",
+        "train.micro_batch_size=32",
+    )
+    cache = tuple((tmp_path / "outputs" / ".cache").rglob("*"))  # the tokenised data is cached for the next try
+    assert_rejected(result, tmp_path, "train.micro_batch_size", "fewer than one step", keep=cache)
