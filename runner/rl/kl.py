@@ -26,6 +26,45 @@ def token_rewards(
     return rewards
 
 
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token estimates of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL divergence"), with
+    r = log pi_ref - log pi:  k1 = -r (unbiased, can be negative), k2 = r^2 / 2, k3 = exp(r) - 1 - r (unbiased, never
+    negative: GRPO's)."""
+    r = ref_logprobs - logprobs
+    if kind == "k1":
+        return -r
+    if kind == "k2":
+        return 0.5 * r**2
+    if kind == "k3":
+        return torch.exp(r) - 1 - r
+    raise ValueError(f"unknown KL estimator {kind!r} (known: {', '.join(KL_ESTIMATORS)})")
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment per answer: 0 up to max_len - buffer tokens, then falling linearly to -factor
+    at max_len (and -factor beyond)."""
+    start = max_len - buffer
+    over = (lengths.to(torch.float32) - start).clamp(min=0) / max(buffer, 1)
+    return -factor * over.clamp(max=1.0)
+
+
+def informative_groups(scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: answers whose group's scores are not all equal (DAPO's dynamic sampling keeps only these; a group
+    whose answers all score the same gives every answer advantage 0)."""
+    _, index = torch.unique(groups, return_inverse=True)
+    n = int(index.max()) + 1 if len(index) else 0
+    high = torch.full((n,), float("-inf"), dtype=scores.dtype, device=scores.device).scatter_reduce(
+        0, index, scores, reduce="amax"
+    )
+    low = torch.full((n,), float("inf"), dtype=scores.dtype, device=scores.device).scatter_reduce(
+        0, index, scores, reduce="amin"
+    )
+    return (high > low)[index]
+
+
 class KLController:
     """The KL penalty coefficient: fixed, or adaptive (Ziegler et al. 2019): after each step the coefficient is
     multiplied by 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon, for n answers with mean KL `KL`."""
