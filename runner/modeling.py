@@ -57,6 +57,8 @@ TOKENIZER_FILES = (
     "vocab.txt",
     "tokenizer.model",
     "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 
 
@@ -79,7 +81,7 @@ def tokenizer_fingerprint(tok) -> str:
     """Identifies a tokenizer by its vocabulary, merges, normalisation and special tokens."""
     import hashlib
 
-    special = [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id]
+    special = [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, getattr(tok, "chat_template", None)]
     return hashlib.sha256((tok.backend_tokenizer.to_str() + repr(special)).encode()).hexdigest()[:16]
 
 

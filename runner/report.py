@@ -1,7 +1,8 @@
 """The report of a sweep: one row per point (status, throughput, memory, final metric, wall time) as Markdown and
-CSV, and plots of throughput and memory against micro-batch size with one line per ZeRO stage. `metric`/`value` are
-each run's held-out objective (e.g. DPO's preference accuracy); `reward_gain` the judged held-out reward's change for
-methods that train a policy.
+CSV, and plots of throughput, memory and the judged reward gain. `metric`/`value` are each run's held-out objective
+(e.g. DPO's preference accuracy); `reward_gain` the judged held-out reward's change for methods that train a policy.
+The plots' x axis is the micro-batch size when the sweep varies it, else the first numeric key it varies (e.g.
+step.rollout.n or step.kl.coef); one line per advantage estimator when the sweep varies it, else per ZeRO stage.
 
     python -m runner.report outputs/multirun/<sweep>        # (re)generate it from a sweep directory at any time
 
@@ -32,6 +33,7 @@ COLUMNS = [
     "metric",
     "value",
     "reward_gain",
+    "estimator",
     "wall_time_s",
     "reason",
     "overrides",
@@ -103,6 +105,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
             s = json.loads(summary.read_text())
             row["metric"], row["value"] = s.get("objective_name"), s.get("objective")
             row["reward_gain"] = s.get("eval_reward_gain")  # a policy's held-out reward, after minus before
+            row["estimator"] = s.get("advantage")  # online RL's advantage estimator (ppo: gae)
         rows.append(row)
     return rows
 
@@ -113,28 +116,60 @@ def _fmt(value) -> str:
     return "" if value is None else str(value)
 
 
+def _number(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def axes(rows: list[dict]) -> tuple[str, str, str]:
+    """(x key, x label, series key) for the plots: the micro-batch size if the sweep varies it, else the first
+    override key with numeric values that differ between points; lines per estimator if it varies, else per ZeRO."""
+    if len({r.get("micro_batch") for r in rows}) > 1 or not rows:
+        x = ("micro_batch", "micro-batch size per device")
+    else:
+        values: dict[str, set] = {}
+        for r in rows:
+            for o in r["overrides"].split():
+                k, _, v = o.lstrip("+~").partition("=")
+                if _number(v) is not None:
+                    values.setdefault(k, set()).add(v)
+        varied = [k for k, v in values.items() if len(v) > 1]
+        x = (f"override:{varied[0]}", varied[0]) if varied else ("micro_batch", "micro-batch size per device")
+    series = "estimator" if len({r.get("estimator") for r in rows} - {None}) > 1 else "zero"
+    return x[0], x[1], series
+
+
+def _x(row: dict, key: str) -> float | None:
+    if key.startswith("override:"):
+        return _number(_override(row["overrides"].split(), key.split(":", 1)[1]))
+    return _number(row.get(key))
+
+
 def _plot(rows: list[dict], key: str, ylabel: str, path: Path) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    x_key, x_label, series = axes(rows)
     lines: dict[Any, list[tuple[float, float]]] = {}
     for r in rows:
-        try:
-            x, y = float(r.get("micro_batch")), r.get(key)
-        except (TypeError, ValueError):
-            continue
-        if isinstance(y, (int, float)):
-            lines.setdefault(r.get("zero"), []).append((x, y))
+        x, y = _x(r, x_key), r.get(key)
+        if x is not None and isinstance(y, (int, float)):
+            lines.setdefault(r.get(series), []).append((x, y))
     if not lines:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    for zero, points in sorted(lines.items(), key=lambda kv: str(kv[0])):
+    for name, points in sorted(lines.items(), key=lambda kv: str(kv[0])):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"ZeRO-{zero}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("micro-batch size per device")
+        label = f"ZeRO-{name}" if series == "zero" else str(name)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    xs = {p[0] for points in lines.values() for p in points}
+    if x_key == "micro_batch" or (min(xs) > 0 and max(xs) / min(xs) >= 8):
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(x_label)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     ax.legend()
@@ -179,6 +214,7 @@ def write(sweep_dir: Path) -> Path | None:
         for key, label, name in (
             ("tokens_per_s", "tokens / s", "throughput.png"),
             ("peak_mem_mb_per_rank", "peak memory per rank (MiB)", "memory.png"),
+            ("reward_gain", "held-out reward gain (judged)", "reward_gain.png"),
         )
         if _plot(rows, key, label, sweep_dir / name)
     ]

@@ -328,3 +328,45 @@ def test_slices_stay_disjoint_when_stages_drop_different_rows(prepare, tmp_path)
         assert stats["slice_rows"] == len(data.stage_slice(n, DS_CHAT, stage, 1234))  # cut before any drop
     assert reward.stats["sets"]["local"]["train"]["bad_rows_skipped"] > 0
     assert sft.stats["sets"]["local"]["train"]["bad_rows_skipped"] == 0
+
+
+# ------------------------------------------------------------------------------------------------ chat templates
+CHAT = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+
+
+def test_prompts_go_in_the_tokenizers_chat_template(compose, tokenizer, tmp_path):
+    """data.sets.<name>.chat_template=auto: a tokenizer with a chat template gets each prompt as the user's turn with
+    the assistant's opening after it (the template's text, no second BOS); one without gets the plain prompt; the
+    cache tells them apart; `true` without a template is an error that names the key."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    chat_dir = tmp_path / "chat_tok"
+    chat_tok = copy.deepcopy(tokenizer)
+    chat_tok.chat_template = CHAT
+    chat_tok.save_pretrained(chat_dir)
+    loaded = AutoTokenizer.from_pretrained(chat_dir)
+    assert loaded.chat_template == CHAT
+    text = "the mirror is"
+    rows = [{"prompt": text, "response": f"fine {i}"} for i in range(40)]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    common = ["data=local", f"data.sets.local.path={path}", "data.sets.local.sft_target=response", "data.split=[1,0,0]"]
+
+    def first_prompt(tok_dir, tok, *extra):
+        plan = make_plan(compose([*common, f"model.tokenizer={tok_dir}", *extra]), CPU)
+        prepared = data.prepare(plan.cfg, plan.method, lambda: tok, cache_root=tmp_path / "cache")
+        row = load_prepared(prepared.paths["train"])[0]
+        return row["input_ids"][: row["prompt_len"]], prepared
+
+    wrapped, in_chat = first_prompt(chat_dir, loaded)
+    expected = loaded(f"<|user|>{text}\n<|assistant|>", add_special_tokens=False)["input_ids"]
+    assert wrapped == expected
+    plain, as_text = first_prompt(TINY_TOKENIZER, tokenizer)
+    assert plain == tokenizer(text)["input_ids"] != wrapped
+    assert as_text.stats["cache"] != in_chat.stats["cache"]
+    off, _ = first_prompt(chat_dir, loaded, "data.sets.local.chat_template=false")
+    assert off == plain
+    with pytest.raises(ConfigError) as err:
+        first_prompt(TINY_TOKENIZER, tokenizer, "data.sets.local.chat_template=true")
+    assert err.value.where == "data.sets.local.chat_template" and "no chat template" in str(err.value)

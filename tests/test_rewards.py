@@ -101,7 +101,7 @@ def raises(prompts, answers, rows):
     [
         ("bad_count", "returned 2 values for 1 answers"),
         ("not_finite", "returned nan for data.jsonl, line 3"),
-        ("raises", "raised ZeroDivisionError: boom"),
+        ("raises", r"raised ZeroDivisionError: boom \(a batch of 1 answers, the first for data.jsonl, line 3\)"),
     ],
 )
 def test_a_broken_reward_function_stops_the_run(tokenizer, fn, message):

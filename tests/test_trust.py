@@ -323,3 +323,26 @@ def test_sweep_report_ranks_points_by_their_heldout_metric(tmp_path):
     assert "best held-out reward gain: +0.3 at point 0" in text
     rows = list(csv.DictReader(open(tmp_path / "report.csv")))
     assert [(r["metric"], r["value"], r["reward_gain"]) for r in rows][2] == ("accuracy", "0.86", "-0.05")
+
+
+def test_sweep_report_plots_one_line_per_estimator(tmp_path):
+    """A GRPO sweep over step.rollout.n and the estimator: the plots' x axis is rollout.n and each estimator is a
+    line (the micro-batch size does not vary); the reward gain gets a plot of its own."""
+    from runner import report
+
+    points = [(adv, n, 0.1 * n + (0.2 if adv == "rloo" else 0.0)) for adv in ("grpo", "rloo") for n in (2, 4, 8)]
+    for i, (adv, n, gain) in enumerate(points):
+        point = tmp_path / str(i)
+        point.mkdir()
+        overrides = ["step=grpo", f"step.advantage={adv}", f"step.rollout.n={n}"]
+        (point / "status.json").write_text(json.dumps({"status": "completed", "overrides": overrides}))
+        s = {"objective_name": "reward_mean", "objective": gain, "eval_reward_gain": gain, "advantage": adv}
+        (point / "summary.json").write_text(json.dumps(s))
+    rows = report.collect(tmp_path)
+    assert report.axes(rows) == ("override:step.rollout.n", "step.rollout.n", "estimator")
+    text = report.write(tmp_path).read_text()
+    assert "![reward_gain.png](reward_gain.png)" in text and (tmp_path / "reward_gain.png").stat().st_size > 1000
+    assert [r["estimator"] for r in csv.DictReader(open(tmp_path / "report.csv"))] == ["grpo"] * 3 + ["rloo"] * 3
+    # a ZeRO x micro-batch sweep keeps its axes
+    zero_rows = [{"micro_batch": m, "zero": z, "overrides": ""} for z in (0, 3) for m in (1, 2)]
+    assert report.axes(zero_rows) == ("micro_batch", "micro-batch size per device", "zero")

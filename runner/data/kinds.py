@@ -5,10 +5,22 @@
     prompts  prompt_ids (methods that generate their own answers); an over-long prompt is never cut
 
 Every function returns `overlong` and `keep` columns beside its own (the builder counts the first and filters on the
-second), and passes the row's `extra` fields (JSON: a reference answer, the row's place in its file) through.
+second), and passes the row's `extra` fields (JSON: a reference answer, the row's place in its file) through. With
+`chat`, each prompt is the user's turn of the tokenizer's chat template, followed by the assistant's opening.
 """
 
 from __future__ import annotations
+
+
+def prompt_ids(tok, texts: list[str], chat: bool) -> list[list[int]]:
+    """The prompts' token ids: as text (with the tokenizer's special tokens), or in its chat template."""
+    if not chat:
+        return tok(texts, add_special_tokens=True)["input_ids"]
+    wrapped = [
+        tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+        for t in texts
+    ]
+    return tok(wrapped, add_special_tokens=False)["input_ids"]  # (the template holds its own special tokens)
 
 
 def _fit(ids: list[int], max_len: int, policy: str) -> tuple[list[int] | None, bool]:
@@ -17,8 +29,8 @@ def _fit(ids: list[int], max_len: int, policy: str) -> tuple[list[int] | None, b
     return (ids[:max_len] if policy == "truncate" else None), True
 
 
-def sft(batch: dict, tok, max_len: int, policy: str) -> dict:
-    prompts = tok(batch["prompt"], add_special_tokens=True)["input_ids"]
+def sft(batch: dict, tok, max_len: int, policy: str, chat: bool = False) -> dict:
+    prompts = prompt_ids(tok, batch["prompt"], chat)
     answers = tok(batch["target"], add_special_tokens=False)["input_ids"]
     out: dict[str, list] = {"input_ids": [], "prompt_len": [], "extra": batch["extra"], "overlong": [], "keep": []}
     for p, a in zip(prompts, answers):
@@ -30,8 +42,8 @@ def sft(batch: dict, tok, max_len: int, policy: str) -> dict:
     return out
 
 
-def pairs(batch: dict, tok, max_len: int, policy: str) -> dict:
-    prompts = tok(batch["prompt"], add_special_tokens=True)["input_ids"]
+def pairs(batch: dict, tok, max_len: int, policy: str, chat: bool = False) -> dict:
+    prompts = prompt_ids(tok, batch["prompt"], chat)
     chosen = tok(batch["chosen"], add_special_tokens=False)["input_ids"]
     rejected = tok(batch["rejected"], add_special_tokens=False)["input_ids"]
     eos = [tok.eos_token_id]
@@ -54,8 +66,8 @@ def pairs(batch: dict, tok, max_len: int, policy: str) -> dict:
     return out
 
 
-def prompts(batch: dict, tok, max_len: int, policy: str) -> dict:
-    ids = tok(batch["prompt"], add_special_tokens=True)["input_ids"]
+def prompts(batch: dict, tok, max_len: int, policy: str, chat: bool = False) -> dict:
+    ids = prompt_ids(tok, batch["prompt"], chat)
     over = [len(p) > max_len for p in ids]
     return {"prompt_ids": ids, "extra": batch["extra"], "overlong": over, "keep": [not o for o in over]}
 

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from runner.data import kinds, rows, sources
 from runner.errors import ConfigError
 
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 DS_CHAT_SPLIT = ("sft", "reward", "ppo")  # the order of DeepSpeed-Chat's data_split list (2,4,4)
 
 
@@ -64,6 +64,22 @@ def weighted(indices: np.ndarray, weight: float, seed: int) -> np.ndarray:
     return np.concatenate([np.tile(indices, whole), indices[np.sort(picked)]]).astype(int)
 
 
+def chat(ds: DictConfig, name: str, tokenizer) -> bool:
+    """Whether a set's prompts go in the tokenizer's chat template: data.sets.<name>.chat_template (true | auto:
+    when the tokenizer has one | false)."""
+    want = ds.get("chat_template", False)
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if want not in (True, False, "auto"):
+        raise ConfigError(f"data.sets.{name}.chat_template", f"must be true, false or auto, got {want!r}")
+    if want is True and not has:
+        raise ConfigError(
+            f"data.sets.{name}.chat_template",
+            "is true, but the tokenizer has no chat template",
+            f"set data.sets.{name}.chat_template=auto (or false), or use a tokenizer with one",
+        )
+    return has if want == "auto" else bool(want)
+
+
 def _build(cfg: DictConfig, method, share: str, tokenizer, raw: dict, out_dir: Path) -> dict:
     from datasets import concatenate_datasets
 
@@ -89,7 +105,7 @@ def _build(cfg: DictConfig, method, share: str, tokenizer, raw: dict, out_dir: P
                         f"weight {ds.weight} x the {len(normalized)} rows of its {share} share rounds to 0 rows",
                         f"use a weight of at least {1 / len(normalized):.3g}, or leave the set out",
                     )
-            tokenize = {"tok": tokenizer, "max_len": max_len, "policy": data.overlong}
+            tokenize = {"tok": tokenizer, "max_len": max_len, "policy": data.overlong, "chat": chat(ds, name, tokenizer)}
             if len(chosen):
                 tokenized = normalized.select(chosen).map(
                     kinds.KINDS[kind],

@@ -68,6 +68,11 @@ def verdict(summary: dict, stage: str = "") -> list[str]:
             f"{who}held-out reward ({judge}): {summary['eval_reward_initial']:.3f} before training -> "
             f"{summary['eval_reward_final']:.3f} after ({gain:+.3f})"
         )
+        if isinstance(summary.get("eval_pass_rate_final"), (int, float)):
+            lines.append(
+                f"{who}held-out pass rate: {summary['eval_pass_rate_initial']:.3f} before training -> "
+                f"{summary['eval_pass_rate_final']:.3f} after"
+            )
         if gain < 0:
             lines.append(
                 f"warning: {who}the trained policy's answers to held-out prompts score lower than its starting "

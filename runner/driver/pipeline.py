@@ -207,6 +207,8 @@ POLICY_KEYS = (
     "eval_reward_initial",
     "eval_reward_final",
     "eval_reward_gain",
+    "eval_pass_rate_initial",
+    "eval_pass_rate_final",
     "eval_kl",
     "export_dir",
     "ema_export_dir",

@@ -32,13 +32,21 @@ class Judge:
 
     def __init__(self, reward: DictConfig, tokenizer, models: dict[int, object] | None = None):
         self.tokenizer, self.terms = tokenizer, []
+        self.pass_term = reward.get("pass_term")  # a term scoring 1 for a right answer: its share is the pass rate
         for i, term in enumerate(reward.terms):
             kwargs = OmegaConf.to_container(term.kwargs, resolve=True) if term.get("kwargs") else {}
             fn = load_function(str(term.fn)) if term.get("fn") else None
-            self.terms.append((term_name(term), float(term.get("weight", 1.0)), fn, kwargs, (models or {}).get(i)))
+            name = term_name(term)
+            name = f"{name}_{i}" if name in [t[0] for t in self.terms] else name
+            self.terms.append((name, float(term.get("weight", 1.0)), fn, kwargs, (models or {}).get(i)))
 
     def __bool__(self) -> bool:
         return bool(self.terms)
+
+    @property
+    def names(self) -> list[str]:
+        """The terms' names, in order (the columns of Experience.term_scores)."""
+        return [t[0] for t in self.terms]
 
     def __call__(
         self, ids: torch.Tensor, mask: torch.Tensor, prompt_lens: list[int], rows: list[dict]
@@ -70,7 +78,9 @@ def call(name: str, fn: Callable, prompts, answers, rows, kwargs):
     try:
         return fn(prompts, answers, rows, **kwargs)
     except Exception as exc:
-        raise RewardError(f"reward function {name} raised {type(exc).__name__}: {exc}") from exc
+        first = rows[0].get("__row__") if rows and isinstance(rows[0], dict) else None
+        batch = f" (a batch of {len(answers)} answers" + (f", the first for {first})" if first else ")")
+        raise RewardError(f"reward function {name} raised {type(exc).__name__}: {exc}{batch}") from exc
 
 
 def check(name: str, values, n: int, rows: list[dict]) -> list[float]:

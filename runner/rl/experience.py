@@ -31,8 +31,11 @@ class Experience:
     entropy: torch.Tensor  # (1,) mean entropy of the policy over the answer tokens
     ref_logprobs: torch.Tensor | None = None  # (B, L) the frozen reference's log-probs (None: no reference)
     values: torch.Tensor | None = None  # (B, L) the critic's values (None: no critic)
+    term_scores: torch.Tensor | None = None  # (B, K) each term of the judge's score (None: one term)
+    groups: torch.Tensor | None = None  # (B,) the prompt each answer answers (critic-free methods: n per prompt)
 
     PAD_FIELDS = {"input_ids"}  # padded with the pad token; every other (B, T/L) field with 0
+    ROW_FIELDS = {"scores", "term_scores", "groups"}  # one entry (or vector) per answer: never padded
 
     @property
     def size(self) -> int:
@@ -50,7 +53,12 @@ class Experience:
             if parts[0] is None:
                 out[field.name] = None
                 continue
-            if parts[0].dim() == 2:
+            if field.name == "groups":  # each batch's prompts are its own: renumbered after the earlier batches'
+                offsets = [0]
+                for g in parts[:-1]:
+                    offsets.append(offsets[-1] + int(g.max()) + 1 if len(g) else offsets[-1])
+                parts = [g + o for g, o in zip(parts, offsets)]
+            elif parts[0].dim() == 2 and field.name not in cls.ROW_FIELDS:
                 fill = pad_id if field.name in cls.PAD_FIELDS else 0
                 parts = [
                     F.pad(t, (0, (width if t.size(1) == e.input_ids.size(1) else width - 1) - t.size(1)), value=fill)
@@ -67,11 +75,23 @@ class Experience:
             t = getattr(self, field.name)
             if t is None or t.dim() == 1 and field.name == "entropy":
                 out[field.name] = t
-            elif t.dim() == 1:
+            elif t.dim() == 1 or field.name in self.ROW_FIELDS:
                 out[field.name] = t[idx]
             else:
                 out[field.name] = t[idx, : width if t.size(1) == self.input_ids.size(1) else width - 1]
         return dataclasses.replace(self, **out)
+
+    def select(self, keep: torch.Tensor) -> Experience:
+        """The answers where `keep` (B,) is true, at the same width (dynamic sampling drops whole groups)."""
+        idx = keep.nonzero().squeeze(1)
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: getattr(self, f.name)[idx]
+                for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None and f.name != "entropy"
+            },
+        )
 
     def to(self, device) -> Experience:
         return dataclasses.replace(

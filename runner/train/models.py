@@ -166,6 +166,18 @@ def adapters_off(module: torch.nn.Module):
             layer.enable_adapters(True)
 
 
+class AdaptersOff:
+    """A LoRA policy's engine called as its base model (adapters switched off for the call): the reference of a
+    method that would otherwise need a second copy of the model."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __call__(self, **inputs):
+        with adapters_off(self.engine.module):
+            return self.engine(**inputs)
+
+
 def positions(module: torch.nn.Module) -> int | None:
     """The model's maximum sequence length (max_position_embeddings), None if it does not say."""
     config = getattr(getattr(module, "hf", module), "config", None)

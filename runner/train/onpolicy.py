@@ -111,18 +111,26 @@ def step_metrics(
 
 
 def heldout(
-    prompts, batch_size: int, max_batches: int | None, dist: Dist, sample: Callable[[list[dict]], Experience]
+    prompts,
+    batch_size: int,
+    max_batches: int | None,
+    dist: Dist,
+    sample: Callable[[list[dict]], Experience],
+    terms: list[str] | None = None,
+    pass_term: str | None = None,
 ) -> dict:
-    """Mean score (and KL to the reference, answer length) of the policy's answers to held-out prompts, sampled with
-    a fixed seed: every evaluation draws the same random numbers, so values are comparable over steps. Every rank
-    runs the same number of batches (ZeRO-3 generates in lockstep); a rank with fewer repeats one and discards it."""
+    """Mean score (and KL to the reference, answer length; each judge term's mean and the pass rate when given) of the
+    policy's answers to held-out prompts, sampled with a fixed seed: every evaluation draws the same random numbers,
+    so values are comparable over steps. Every rank runs the same number of batches (ZeRO-3 generates in lockstep); a
+    rank with fewer repeats one and discards it."""
     from runner.data.batches import eval_batches
 
     evals = eval_batches(len(prompts), batch_size, dist.world, dist.rank)
     if max_batches:
         evals = evals[:max_batches]
     longest = max(eng.gather_objects(len(evals), dist.world))
-    sums = torch.zeros(5, dtype=torch.float64)
+    terms = terms or []
+    sums = torch.zeros(5 + len(terms), dtype=torch.float64)
     devices = [dist.device] if dist.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(EVAL_SEED + dist.rank)
@@ -136,18 +144,29 @@ def heldout(
                     else torch.zeros(1)
                 )
                 s = exp.scores.double().cpu()
-                sums += torch.tensor(
-                    [len(s), s.sum(), (s**2).sum(), float(kl.sum()), float(exp.action_mask.sum())], dtype=torch.float64
+                by_term = exp.term_scores.double().sum(0).cpu() if terms else torch.zeros(0, dtype=torch.float64)
+                sums += torch.cat(
+                    [
+                        torch.tensor(
+                            [len(s), s.sum(), (s**2).sum(), float(kl.sum()), float(exp.action_mask.sum())],
+                            dtype=torch.float64,
+                        ),
+                        by_term,
+                    ]
                 )
-    n, total, total_sq, kl_sum, length = eng.all_reduce_sum(sums.tolist(), dist.device)
+    n, total, total_sq, kl_sum, length, *by_term = eng.all_reduce_sum(sums.tolist(), dist.device)
     mean = total / max(n, 1)
-    return {
+    out = {
         "reward_mean": mean,
         "reward_std": max(total_sq / max(n, 1) - mean**2, 0.0) ** 0.5,
         "kl": kl_sum / max(n, 1),
         "response_length": length / max(n, 1),
         "prompts": int(n),
+        **{f"reward_{name}": v / max(n, 1) for name, v in zip(terms, by_term) if len(terms) > 1},
     }
+    if pass_term in terms:  # the share of answers the pass term scores as right (>= 1)
+        out["pass_rate"] = by_term[terms.index(pass_term)] / max(n, 1)
+    return out
 
 
 class Prompts:
@@ -168,9 +187,12 @@ class Prompts:
         return {"prompt_ids": ids[: row["prompt_len"]], "extra": row.get("extra", "{}")}
 
 
-def judged_heldout(policy, prompts: Prompts, judge, cfg, dist: Dist, pad: int, eos: int, reference=None) -> dict:
-    """The judge's mean score (and std, answer length, KL to the reference when there is one) of the policy's answers
-    to held-out prompts, sampled with step.generation and a fixed seed (see heldout)."""
+def judged_heldout(
+    policy, prompts: Prompts, judge, cfg, dist: Dist, pad: int, eos: int, reference=None, batch_size: int | None = None
+) -> dict:
+    """The judge's mean score (and std, answer length, KL to the reference when there is one, each term's mean and
+    the pass rate) of the policy's answers to held-out prompts, sampled with step.generation and a fixed seed (see
+    heldout)."""
     from runner.train import models, rollout
 
     gen_config = rollout.generation_config(cfg.step.generation, pad, eos)
@@ -182,13 +204,14 @@ def judged_heldout(policy, prompts: Prompts, judge, cfg, dist: Dist, pad: int, e
         config = rollout.capped(gen_config, positions, max(len(p) for p in prompt_ids))
         answers = rollout.generate(policy, prompt_ids, config, pad, eos, dist.device, synced)
         extras = [json.loads(r.get("extra") or "{}") for r in rows]
-        score = lambda ids, mask, lens: judge(ids, mask, lens, extras)[0]
+        score = lambda ids, mask, lens: judge(ids, mask, lens, extras)
         return rollout.experience(prompt_ids, answers, pad, dist.device, policy, score, reference=reference)
 
     max_batches = int(cfg.train.eval_max_batches or 0) or None
-    held = heldout(prompts, int(cfg.train.micro_batch_size), max_batches, dist, sample)
-    keys = ("reward_mean", "reward_std", "response_length") + (("kl",) if reference is not None else ())
-    return {k: held[k] for k in keys}
+    size = batch_size or int(cfg.train.micro_batch_size)
+    held = heldout(prompts, size, max_batches, dist, sample, judge.names, judge.pass_term)
+    drop = {"prompts"} | (set() if reference is not None else {"kl"})
+    return {k: v for k, v in held.items() if k not in drop}
 
 
 def log_samples(

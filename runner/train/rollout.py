@@ -59,7 +59,8 @@ def experience(
     critic=None,
 ) -> Experience:
     """Prompt+answer rows, right-padded, scored: the answer tokens' log-probs under the policy (and the reference),
-    the policy's mean entropy over them, the critic's values, and `score(ids, mask, prompt_lens)` per answer."""
+    the policy's mean entropy over them, the critic's values, and `score(ids, mask, prompt_lens)` per answer (a
+    judge's (scores, {term: scores}) keeps each term's too)."""
     ids, mask = pad([p + a for p, a in zip(prompts, answers)], pad_id)
     actions = action_mask([len(p) for p in prompts], [len(a) for a in answers], ids.size(1))
     ids, mask, actions = ids.to(device), mask.to(device), actions.to(device)
@@ -74,6 +75,10 @@ def experience(
         )
         values = critic(ids, mask)[:, :-1] if critic is not None else None
         scores = score(ids, mask, [len(p) for p in prompts])
+    terms = None
+    if isinstance(scores, tuple):
+        scores, parts = scores
+        terms = torch.stack([v.float() for v in parts.values()], dim=1) if parts else None
     policy.train()
     return Experience(
         input_ids=ids,
@@ -84,6 +89,7 @@ def experience(
         entropy=entropy.reshape(1),
         ref_logprobs=ref_logprobs,
         values=values,
+        term_scores=terms,
     )
 
 
