@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from runner import shm
+
 
 @dataclasses.dataclass
 class Dist:
@@ -42,6 +44,9 @@ def init_distributed(threads: int | None) -> Dist:
     ):
         os.environ.setdefault(key, default)  # a plain `python -m runner.worker DIR` runs as a single rank
     deepspeed.init_distributed()
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()  # every rank has mapped every rank's CPU all-reduce buffer
+    shm.release(os.environ["MASTER_PORT"], os.environ["MASTER_ADDR"], os.environ["RANK"])  # (runner/shm.py)
     local_rank = int(os.environ["LOCAL_RANK"])
     accel = get_accelerator()
     if accel.device_name() == "cuda":
