@@ -323,3 +323,20 @@ def test_sweep_report_ranks_points_by_their_heldout_metric(tmp_path):
     assert "best held-out reward gain: +0.3 at point 0" in text
     rows = list(csv.DictReader(open(tmp_path / "report.csv")))
     assert [(r["metric"], r["value"], r["reward_gain"]) for r in rows][2] == ("accuracy", "0.86", "-0.05")
+
+
+def test_shm_release_removes_only_its_own_process_groups_buffers():
+    """runner.shm: the buffers of one MASTER_PORT (any address, any rank, or one rank) go; another port's stay."""
+    from runner import shm
+
+    uid = os.getuid()
+    made = [shm.SHM / f"{shm.PREFIX}_{uid}_127.0.0.1_{port}_{rank}" for port in (1, 2) for rank in (0, 1)]
+    try:
+        for path in made:
+            path.write_bytes(b"x")
+        assert shm.buffers(1) == made[:2]
+        assert shm.release(1, "127.0.0.1", "1") == 1 and shm.buffers(1) == made[:1]
+        assert shm.release(1) == 1 and not shm.buffers(1) and shm.buffers(2) == made[2:]
+    finally:
+        for path in made:
+            path.unlink(missing_ok=True)
