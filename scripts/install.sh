@@ -31,4 +31,11 @@ else
 fi
 # DeepSpeed builds its ops just in time when they are first used (DS_BUILD_OPS=0): no CUDA toolkit needed to install.
 DS_BUILD_OPS=0 $PIP install -e ".[dev]"
+if ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  # On CPU DeepSpeed's all-reduce between ranks is a C++ op compiled on first use (a minute or more, into
+  # ~/.cache/torch_extensions): compile it now rather than inside the first run.
+  echo "install: compiling DeepSpeed's CPU communication op (once)"
+  DS_ACCELERATOR=cpu python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)" \
+    || echo "install: could not compile DeepSpeed's CPU communication op now; DeepSpeed will try again in the first run" >&2
+fi
 python -c "import torch, deepspeed, transformers; print(f'install: torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, cuda available: {torch.cuda.is_available()}')"

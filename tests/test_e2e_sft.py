@@ -7,7 +7,9 @@ import json
 
 import pytest
 import torch
+import yaml
 
+from runner import shm
 from tests.helpers import checkpoint_state, metrics, summary
 
 pytestmark = pytest.mark.e2e
@@ -44,8 +46,10 @@ def test_sft_two_ranks(sft_runs, zero):
     assert_learned(run_dir)
     s = summary(run_dir)
     assert s["world_size"] == 2 and len(s["peak_memory_mb"]) == 2
+    port = yaml.safe_load((run_dir / "config.yaml").read_text())["deployment"]["master_port"]
+    assert not shm.buffers(port)  # DeepSpeed's CPU all-reduce buffers (66 MB a rank) are not left in /dev/shm
     if zero == "stage3":
-        total = json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())))
+        total = yaml.safe_load((run_dir / "config.yaml").read_text())
         num_params = total["runtime"]["num_params"]
         shards = s["zero_partitioned_numel"]
         # each rank holds about half of the parameters (DeepSpeed pads partitions to equal size)

@@ -346,3 +346,20 @@ def test_sweep_report_plots_one_line_per_estimator(tmp_path):
     # a ZeRO x micro-batch sweep keeps its axes
     zero_rows = [{"micro_batch": m, "zero": z, "overrides": ""} for z in (0, 3) for m in (1, 2)]
     assert report.axes(zero_rows) == ("micro_batch", "micro-batch size per device", "zero")
+
+
+def test_shm_release_removes_only_its_own_process_groups_buffers():
+    """runner.shm: the buffers of one MASTER_PORT (any address, any rank, or one rank) go; another port's stay."""
+    from runner import shm
+
+    uid = os.getuid()
+    made = [shm.SHM / f"{shm.PREFIX}_{uid}_127.0.0.1_{port}_{rank}" for port in (1, 2) for rank in (0, 1)]
+    try:
+        for path in made:
+            path.write_bytes(b"x")
+        assert shm.buffers(1) == made[:2]
+        assert shm.release(1, "127.0.0.1", "1") == 1 and shm.buffers(1) == made[:1]
+        assert shm.release(1) == 1 and not shm.buffers(1) and shm.buffers(2) == made[2:]
+    finally:
+        for path in made:
+            path.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from runner import shm
 from runner.driver import (
     keys,
     launch,
@@ -217,6 +218,7 @@ def _launch(job: Launch, overrides: list[str]) -> float | None:
         run_dir,
         f"=== {time.strftime('%Y-%m-%d %H:%M:%S')}: {what}: {' '.join(job.cmd)}",
     )
+    shm.release(job.plan.deployment.master_port)  # what a rank that died before releasing it left behind
     try:
         return _objective(outcome_.record(run_dir, overrides, outcome, time.time() - start, is_multirun()))
     except outcome_.Ended:

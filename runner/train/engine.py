@@ -6,12 +6,15 @@ import dataclasses
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
+
+from runner import shm
 
 
 @dataclasses.dataclass
@@ -41,7 +44,11 @@ def init_distributed(threads: int | None) -> Dist:
         ("MASTER_PORT", "29500"),
     ):
         os.environ.setdefault(key, default)  # a plain `python -m runner.worker DIR` runs as a single rank
+    build_lock_note()
     deepspeed.init_distributed()
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()  # every rank has mapped every rank's CPU all-reduce buffer
+    shm.release(os.environ["MASTER_PORT"], os.environ["MASTER_ADDR"], os.environ["RANK"])  # (runner/shm.py)
     local_rank = int(os.environ["LOCAL_RANK"])
     accel = get_accelerator()
     if accel.device_name() == "cuda":
@@ -50,6 +57,20 @@ def init_distributed(threads: int | None) -> Dist:
     else:
         device = torch.device("cpu")
     return Dist(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]), local_rank=local_rank, device=device)
+
+
+def build_lock_note() -> None:
+    """On CPU, DeepSpeed compiles its communication op on first use, under a lock file that torch waits on for as
+    long as it exists: a compile that was killed leaves it behind, and every later run would wait without a word."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    for lock in root.glob("*/deepspeed_shm_comm/lock"):
+        age = time.time() - lock.stat().st_mtime
+        print(
+            f"note: waiting for DeepSpeed's CPU communication op to be compiled (lock {lock}, {age:.0f} s old). "
+            f"If no other process is compiling it (an interrupted compile leaves the lock behind), remove {lock}.",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def seed_everything(seed: int) -> None:
