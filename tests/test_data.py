@@ -331,7 +331,10 @@ def test_slices_stay_disjoint_when_stages_drop_different_rows(prepare, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------ chat templates
-CHAT = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+CHAT = (
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def test_prompts_go_in_the_tokenizers_chat_template(compose, tokenizer, tmp_path):

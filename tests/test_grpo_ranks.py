@@ -31,7 +31,8 @@ def rollout(groups: int = 4, n: int = 4, width: int = 6) -> dict[str, torch.Tens
 
 def advantages_on(rank: int, world: int, port: int, rows: slice, placement: str, out: dict) -> None:
     """One rank: init the process group (gloo), compute the advantages of its rows as the GRPO recipe does."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(env, LOCAL_RANK=str(rank))
     import deepspeed
 
     from runner.rl import advantages

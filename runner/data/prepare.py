@@ -105,7 +105,12 @@ def _build(cfg: DictConfig, method, share: str, tokenizer, raw: dict, out_dir: P
                         f"weight {ds.weight} x the {len(normalized)} rows of its {share} share rounds to 0 rows",
                         f"use a weight of at least {1 / len(normalized):.3g}, or leave the set out",
                     )
-            tokenize = {"tok": tokenizer, "max_len": max_len, "policy": data.overlong, "chat": chat(ds, name, tokenizer)}
+            tokenize = {
+                "tok": tokenizer,
+                "max_len": max_len,
+                "policy": data.overlong,
+                "chat": chat(ds, name, tokenizer),
+            }
             if len(chosen):
                 tokenized = normalized.select(chosen).map(
                     kinds.KINDS[kind],

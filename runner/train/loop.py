@@ -152,7 +152,9 @@ def run(task: Task, cfg: DictConfig, run_dir: Path, dist: Dist) -> dict | None:
         initial, final = loop["eval_initial"]["reward_mean"], last["reward_mean"]
         summary.update(eval_reward_initial=initial, eval_reward_final=final, eval_reward_gain=final - initial)
         if "pass_rate" in last:  # a verifiable task: the share of held-out answers that are right
-            summary.update(eval_pass_rate_initial=loop["eval_initial"]["pass_rate"], eval_pass_rate_final=last["pass_rate"])
+            summary.update(
+                eval_pass_rate_initial=loop["eval_initial"]["pass_rate"], eval_pass_rate_final=last["pass_rate"]
+            )
     metrics.close(summary)
     life.end("completed", step=step)
     return summary

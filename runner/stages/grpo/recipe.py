@@ -68,9 +68,13 @@ class GRPOTask:
         self.gen_config = rollout.generation_config(step.generation, self.pad, self.eos)
         self.synced = self.actor.zero_optimization_partition_weights() and dist.world > 1  # ZeRO-3: lockstep
         self.estimator = estimators.get(str(step.advantage))
-        self.n, self.per_rank, self.micro = int(step.rollout.n), int(step.rollout.prompts), int(cfg.train.micro_batch_size)
+        self.n, self.per_rank, self.micro = (
+            int(step.rollout.n),
+            int(step.rollout.prompts),
+            int(cfg.train.micro_batch_size),
+        )
         self.cursor = batches.Cursor(len(self.prompts), self.per_rank, dist.world, dist.rank, int(cfg.seed))
-        self.tokens, self.groups_seen, self.groups_uninformative = 0, 0, 0
+        self.tokens, self.groups_seen, self.groups_uninformative, self.times = 0, 0, 0, (0.0, 0.0)
         if not cfg.resume:  # (a resumed run continues the random stream its checkpoint saved)
             torch.manual_seed(int(cfg.seed) * 1000 + dist.rank * 7919)  # sampling differs across ranks
 
@@ -79,9 +83,11 @@ class GRPOTask:
         """n answers to each prompt of `rows`, scored: an Experience whose groups number the prompts."""
         repeated = [r for r in rows for _ in range(self.n)]
         prompt_ids = [r["prompt_ids"] for r in repeated]
+        t0 = eng.now(self.dist.device)
         answers = rollout.generate(
             self.actor, prompt_ids, config or self.gen_config, self.pad, self.eos, self.dist.device, self.synced
         )
+        t1 = eng.now(self.dist.device)
         extras = [json.loads(r.get("extra") or "{}") for r in repeated]
         score = lambda ids, mask, lens: self.judge(ids, mask, lens, extras)
         exp = rollout.experience(
@@ -96,6 +102,7 @@ class GRPOTask:
                 int(overlong.buffer),
                 float(overlong.factor),
             ).to(exp.scores.device)
+        self.times = (t1 - t0, eng.now(self.dist.device) - t1)  # generation; log-probs and scores
         return exp, repeated, answers
 
     def collect(self) -> tuple[Experience, float, float, list[dict], list[list[int]], list[float]]:
@@ -105,11 +112,10 @@ class GRPOTask:
         trains on the same number of answers."""
         ds, dist = self.step_cfg.dynamic_sampling, self.dist
         parts, first, gen_time, exp_time, seen, informative = [], None, 0.0, 0.0, 0, 0
-        for i in range(int(ds.max_batches) if ds.enabled else 1):
+        for _i in range(int(ds.max_batches) if ds.enabled else 1):
             rows = [self.prompts[j] for j in self.cursor.next()]
-            t0 = eng.now(dist.device)
             exp, repeated, answers = self.sample(rows)
-            gen_time += eng.now(dist.device) - t0
+            gen_time, exp_time = gen_time + self.times[0], exp_time + self.times[1]
             parts.append(exp)
             first = first or (repeated, answers)
             keep = kl.informative_groups(exp.scores.float(), exp.groups)
@@ -153,9 +159,7 @@ class GRPOTask:
         values.update(self.reward_metrics(exp, group_counts), lr=self.actor.get_lr()[0], epoch=self.cursor.epoch)
         every = int(step_cfg.print_answers_every or 0)
         if dist.main and every and (step % every == 0 or step == 1):
-            onpolicy.log_samples(
-                self.run_dir / "samples.jsonl", self.tokenizer, step, rows, answers, exp.scores
-            )
+            onpolicy.log_samples(self.run_dir / "samples.jsonl", self.tokenizer, step, rows, answers, exp.scores)
         return values
 
     def reward_metrics(self, exp: Experience, group_counts: list[float]) -> dict:
@@ -164,7 +168,10 @@ class GRPOTask:
         names = self.judge.names
         terms = exp.term_scores.float().sum(0).tolist() if exp.term_scores is not None else [0.0] * len(names)
         n, seen, flat, *sums = eng.all_reduce_sum([float(exp.size), *group_counts, *terms], self.dist.device)
-        self.groups_seen, self.groups_uninformative = self.groups_seen + int(seen), self.groups_uninformative + int(flat)
+        self.groups_seen, self.groups_uninformative = (
+            self.groups_seen + int(seen),
+            self.groups_uninformative + int(flat),
+        )
         out = {"zero_variance_groups": flat / max(seen, 1)}
         if len(names) > 1:
             out.update({f"reward_{k}": v / max(n, 1) for k, v in zip(names, sums)})
@@ -174,7 +181,11 @@ class GRPOTask:
 
     def update(self, exp: Experience, advantages: torch.Tensor, step: int) -> tuple[dict, int]:
         step_cfg, n, sums, chunks = self.step_cfg, exp.size, {}, 0
-        in_loss, agg, norm = step_cfg.kl.placement == "loss", str(step_cfg.loss_agg), float(step_cfg.generation.max_new_tokens)
+        in_loss, agg, norm = (
+            step_cfg.kl.placement == "loss",
+            str(step_cfg.loss_agg),
+            float(step_cfg.generation.max_new_tokens),
+        )
         for epoch in range(int(step_cfg.epochs)):  # a seeded shuffle per step (0-based) and epoch
             seed = int(self.cfg.seed) + 31 * (step - 1) + epoch
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -212,7 +223,14 @@ class GRPOTask:
         """The judge's mean score (each term's, the pass rate), KL to the reference and answer length on the eval
         prompts (fixed seed)."""
         return onpolicy.judged_heldout(
-            self.actor, self.eval_prompts, self.judge, self.cfg, self.dist, self.pad, self.eos, self.reference,
+            self.actor,
+            self.eval_prompts,
+            self.judge,
+            self.cfg,
+            self.dist,
+            self.pad,
+            self.eos,
+            self.reference,
             batch_size=self.per_rank * self.n,
         )
 

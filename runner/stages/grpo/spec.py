@@ -65,16 +65,22 @@ class GRPO(Method):
             free = sorted(k for k, v in advantages.REGISTRY.items() if not v.needs_values)
             hint = " (gae needs a critic: use step=ppo)" if name == "gae" else ""
             raise ConfigError(
-                "step.advantage", f"{name!r} is not a critic-free advantage estimator{hint}", f"use one of {', '.join(free)}"
+                "step.advantage",
+                f"{name!r} is not a critic-free advantage estimator{hint}",
+                f"use one of {', '.join(free)}",
             )
         step.kl.placement = placement(cfg)
         if step.kl.placement not in PLACEMENTS:
-            raise ConfigError("step.kl.placement", f"unknown placement {step.kl.placement!r}", "use loss, reward or none")
+            raise ConfigError(
+                "step.kl.placement", f"unknown placement {step.kl.placement!r}", "use loss, reward or none"
+            )
         if step.kl.estimator not in kl.KL_ESTIMATORS:
             raise ConfigError("step.kl.estimator", f"unknown KL estimator {step.kl.estimator!r}", "use k1, k2 or k3")
         if step.loss_agg not in losses.AGGREGATIONS:
             raise ConfigError(
-                "step.loss_agg", f"unknown loss aggregation {step.loss_agg!r}", f"use one of {', '.join(losses.AGGREGATIONS)}"
+                "step.loss_agg",
+                f"unknown loss aggregation {step.loss_agg!r}",
+                f"use one of {', '.join(losses.AGGREGATIONS)}",
             )
         checks.lengths(cfg, self.positions(cfg), notes)
         checks.generation(cfg)
@@ -83,7 +89,9 @@ class GRPO(Method):
         checks.non_negative(cfg, "step.kl.coef", "step.cliprange_low", "step.cliprange_high", "step.overlong.factor")
         checks.in_range(cfg, 0, 1, "step.cliprange_low", "step.gamma")
         if step.dual_clip is not None and not (isinstance(step.dual_clip, (int, float)) and step.dual_clip > 1):
-            raise ConfigError("step.dual_clip", f"must be a number above 1 (or null: off), got {step.dual_clip!r}", "e.g. 3.0")
+            raise ConfigError(
+                "step.dual_clip", f"must be a number above 1 (or null: off), got {step.dual_clip!r}", "e.g. 3.0"
+            )
         if step.overlong.enabled and int(step.overlong.buffer) >= int(step.generation.max_new_tokens):
             raise ConfigError(
                 "step.overlong.buffer",
@@ -117,8 +125,11 @@ class GRPO(Method):
             )
         notes.append(
             f"{name} advantages, no critic; "
-            + ("no reference model (step.kl.placement=none)" if step.kl.placement == "none" else
-               f"KL to the frozen reference in the {step.kl.placement} (coef {step.kl.coef})")
+            + (
+                "no reference model (step.kl.placement=none)"
+                if step.kl.placement == "none"
+                else f"KL to the frozen reference in the {step.kl.placement} (coef {step.kl.coef})"
+            )
         )
 
     @staticmethod
