@@ -95,7 +95,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         metrics_file = point / "metrics.jsonl"
         if metrics_file.exists():
             records = [json.loads(x) for x in metrics_file.read_text().splitlines()]
-            train = [r for r in records if "train/loss" in r]
+            train = [r for r in records if "train/tokens_per_s" in r]  # (every method's training rows)
             row["tokens_per_s"] = _median(train, "train/tokens_per_s")
             row["samples_per_s"] = _median(train, "train/samples_per_s")
             peaks = [max(r["train/peak_memory_mb"]) for r in train if r.get("train/peak_memory_mb")]

@@ -38,4 +38,4 @@ def plan(cfg, configs: dict, cmd: list[str], env: dict, memory: dict | None, not
 
 def gib(value: float) -> str:
     """A size given in GiB, in GiB, or in MiB when under one."""
-    return f"{value:.2f} GiB" if value >= 1 or value == 0 else f"{value * 1024:.1f} MiB"
+    return "0 GiB" if value == 0 else f"{value:.2f} GiB" if value >= 1 else f"{value * 1024:.1f} MiB"

@@ -103,6 +103,7 @@ def step_metrics(
         "step_time_s": step_time,
         "gen_tokens_per_s": gen_tokens / max(g_t / dist.world, 1e-9),
         "tokens_per_s": all_tokens / max(step_time, 1e-9),
+        "samples_per_s": n_answers / max(step_time, 1e-9),  # answers generated and trained on
         "tokens": all_tokens,
         "answers": n_answers,
         "peak_memory_mb": eng.gather_objects(round(eng.peak_memory_mb(dist.device), 1), dist.world),

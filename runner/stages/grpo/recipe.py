@@ -230,8 +230,7 @@ class GRPOTask:
             self.dist,
             self.pad,
             self.eos,
-            self.reference,
-            batch_size=self.per_rank * self.n,
+            self.reference,  # (in batches of train.micro_batch_size prompts: the same for every step.rollout.n)
         )
 
     def export(self, run_dir: Path) -> dict[str, Path]:
