@@ -297,6 +297,30 @@ def test_dpo_rejects_bad_settings(tmp_path, exports, overrides, names):
     assert_rejected(result, tmp_path, *names)
 
 
+# ------------------------------------------------------------------------------------------------- GRPO inputs
+@pytest.mark.parametrize(
+    "overrides, names",
+    [
+        ([], ["reward", "reward="]),  # critic-free RL needs something to score its answers
+        (["reward=tiny", "step.advantage=gae"], ["step.advantage", "step=ppo"]),
+        (["reward=tiny", "step.advantage=ppo_clip"], ["step.advantage", "rloo"]),
+        (["reward=tiny", "step.kl.placement=sometimes"], ["step.kl.placement"]),
+        (["reward=tiny", "step.kl.estimator=k4"], ["step.kl.estimator", "k3"]),
+        (["reward=tiny", "step.loss_agg=mean"], ["step.loss_agg", "token-mean"]),
+        (["reward=tiny", "step.dual_clip=0.5"], ["step.dual_clip", "above 1"]),
+        (["reward=tiny", "step.rollout.n=0"], ["step.rollout.n"]),
+        (["reward=tiny", "step.rollout.n=3", "train.micro_batch_size=16"], ["train.micro_batch_size", "24 answers"]),
+        (["reward=tiny", "train.gradient_accumulation_steps=3"], ["train.gradient_accumulation_steps"]),
+        (["reward=tiny", "step.overlong.enabled=true", "step.overlong.buffer=300"], ["step.overlong.buffer"]),
+        (["reward=tiny", "step.init_from={reward}"], ["step.init_from", "reward_model"]),
+    ],
+)
+def test_grpo_rejects_bad_settings(tmp_path, exports, overrides, names):
+    given = [o.format(reward=exports["reward"]) for o in overrides]
+    result = run_cli(tmp_path, "step=grpo", *given)
+    assert_rejected(result, tmp_path, *names)
+
+
 def test_dpo_rejects_data_without_chosen_and_rejected(tmp_path, exports):
     path = write_jsonl(tmp_path / "sft_only.jsonl", [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(8)])
     result = run_cli(

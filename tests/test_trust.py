@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -363,3 +364,17 @@ def test_shm_release_removes_only_its_own_process_groups_buffers():
     finally:
         for path in made:
             path.unlink(missing_ok=True)
+
+
+def test_the_launcher_is_found_beside_this_python_when_the_environment_is_not_activated():
+    """`/path/to/.venv/bin/python -m runner` without activating the venv: `deepspeed` is not on PATH, but beside
+    the interpreter; the ranks get that directory first on their PATH. A launcher found nowhere is a clean outcome."""
+    import sys
+
+    from runner.driver import supervise
+
+    bare = {"PATH": "/usr/bin:/bin"}
+    cmd, env = supervise.resolve(["deepspeed", "--num_gpus", "1"], bare)
+    assert cmd == [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1"]
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    assert supervise.resolve(["no-such-launcher"], bare) == (None, bare)

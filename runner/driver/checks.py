@@ -269,3 +269,27 @@ def reward(cfg: DictConfig, required: bool = False, key: str = "reward") -> None
                 "outputs/reward/<run>/export",
                 bool(cfg.step.get("pending_exports")),
             )
+
+
+def chunks(cfg: DictConfig, answers: int, made_of: str, epochs_key: str) -> None:
+    """An on-policy step's answers per rank split into training chunks of train.micro_batch_size, and the chunks of
+    its epochs into whole optimizer steps (train.gradient_accumulation_steps chunks): an optimizer step never
+    straddles two steps."""
+    micro, gas = int(cfg.train.micro_batch_size), int(cfg.train.gradient_accumulation_steps)
+    epochs = int(OmegaConf.select(cfg, epochs_key))
+    if answers % micro:
+        raise ConfigError(
+            "train.micro_batch_size",
+            f"one step's {answers} answers per rank ({made_of}) do not split into training chunks of "
+            f"train.micro_batch_size={micro}",
+            f"use a train.micro_batch_size that divides {answers}",
+        )
+    n = answers // micro * epochs
+    if n % gas:
+        raise ConfigError(
+            "train.gradient_accumulation_steps",
+            f"one step has {n} training chunks ({answers} answers / micro_batch_size {micro} x {epochs_key} "
+            f"{epochs}), not a multiple of gradient_accumulation_steps={gas}: an optimizer step would straddle two "
+            "steps",
+            f"use a gradient_accumulation_steps that divides {n}",
+        )

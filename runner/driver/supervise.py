@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,8 +77,25 @@ class _Stopper:
             chained(signal.SIGUSR2, None)
 
 
+def resolve(cmd: list[str], env: dict) -> tuple[list[str] | None, dict]:
+    """The launcher (`deepspeed`, `torchrun`) from PATH, else from beside this Python (a virtualenv used without
+    activating it), with that directory put first on the ranks' PATH; None when it is in neither."""
+    if shutil.which(cmd[0], path=env.get("PATH")):
+        return cmd, env
+    beside = Path(sys.executable).parent / cmd[0]
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside), *cmd[1:]], {
+            **env,
+            "PATH": os.pathsep.join(filter(None, [str(beside.parent), env.get("PATH")])),
+        }
+    return None, env
+
+
 def launch(cmd: list[str], env: dict, run_dir: Path, header: str) -> Outcome:
     """Run the launcher, echoing its output and appending it to launch.log; return how it ended."""
+    cmd, env = resolve(cmd, env)
+    if cmd is None:
+        return Outcome(127, "the launcher was not found on PATH: activate the environment runner is installed in")
     log_path, lost, last_error, codes = run_dir / "launch.log", None, "", []
     stopper = _Stopper(run_dir)
     try:

@@ -100,24 +100,8 @@ class GRPO(Method):
                 "use a buffer of a fraction of max_new_tokens (DAPO: 4096 of 20480)",
             )
         checks.reward(cfg, required=True)
-        micro, gas = int(cfg.train.micro_batch_size), int(cfg.train.gradient_accumulation_steps)
-        answers = answers_per_step(cfg)
-        if answers % micro:
-            raise ConfigError(
-                "train.micro_batch_size",
-                f"a step's {answers} answers per rank (step.rollout.prompts {step.rollout.prompts} x step.rollout.n "
-                f"{step.rollout.n}) do not split into training chunks of train.micro_batch_size={micro}",
-                f"use a train.micro_batch_size that divides {answers}",
-            )
-        chunks = answers // micro * int(step.epochs)
-        if chunks % gas:
-            raise ConfigError(
-                "train.gradient_accumulation_steps",
-                f"one step has {chunks} training chunks ({answers} answers / micro_batch_size {micro} x epochs "
-                f"{step.epochs}), not a multiple of gradient_accumulation_steps={gas}: an optimizer step would "
-                "straddle two steps",
-                f"use a gradient_accumulation_steps that divides {chunks}",
-            )
+        made_of = f"step.rollout.prompts {step.rollout.prompts} x step.rollout.n {step.rollout.n}"
+        checks.chunks(cfg, answers_per_step(cfg), made_of, "step.epochs")
         if int(step.rollout.n) == 1 and name in ("grpo", "dr_grpo", "rloo"):
             notes.append(
                 f"step.rollout.n=1: {name} compares a prompt's answers with each other; with one answer per prompt "

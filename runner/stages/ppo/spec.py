@@ -75,27 +75,13 @@ class PPO(Method):
             "step.max_prompt_len",
             "step.generation.max_new_tokens",
         )
-        micro, gas = int(cfg.train.micro_batch_size), int(cfg.train.gradient_accumulation_steps)
-        experience = int(step.generation_batch_size) * int(step.generation_batches)
-        if experience % micro:
-            raise ConfigError(
-                "train.micro_batch_size",
-                f"the experience of one step ({experience} answers per rank "
-                f"= step.generation_batch_size {step.generation_batch_size} x step.generation_batches "
-                f"{step.generation_batches}) does not split into training chunks of "
-                f"train.micro_batch_size={micro}",
-                f"use a train.micro_batch_size that divides {experience}",
-            )
-        chunks = experience // micro * int(step.ppo_epochs)
-        if chunks % gas:
-            raise ConfigError(
-                "train.gradient_accumulation_steps",
-                f"one PPO step has {chunks} training chunks "
-                f"(experience {experience} / micro_batch_size {micro} x ppo_epochs {step.ppo_epochs}), "
-                f"not a multiple of gradient_accumulation_steps={gas}: an optimizer step would "
-                "straddle two PPO steps",
-                f"use a gradient_accumulation_steps that divides {chunks}",
-            )
+        step_made_of = (
+            f"step.generation_batch_size {step.generation_batch_size} x step.generation_batches "
+            f"{step.generation_batches}"
+        )
+        checks.chunks(
+            cfg, int(step.generation_batch_size) * int(step.generation_batches), step_made_of, "step.ppo_epochs"
+        )
         from runner.rl import advantages
 
         if step.advantage not in advantages.REGISTRY or not advantages.get(step.advantage).needs_values:
