@@ -321,6 +321,24 @@ def test_grpo_rejects_bad_settings(tmp_path, exports, overrides, names):
     assert_rejected(result, tmp_path, *names)
 
 
+# ---------------------------------------------------------------------------------------- self-feedback inputs
+@pytest.mark.parametrize(
+    "overrides, names",
+    [
+        ([], ["reward", "reward="]),  # nothing to judge the candidates
+        (["reward=tiny", "step.accept.rule=majority"], ["step.accept.rule", "beat_reference"]),
+        (["reward=tiny", "step.accept.rule=threshold"], ["step.accept.threshold", "is needed"]),
+        (["reward=tiny", "step.accept.threshold=1.0"], ["step.accept.threshold", "only read"]),
+        (["reward=tiny", "step.alpha=[0.5,0.5]"], ["step.alpha", "2 values for 3 rounds"]),
+        (["reward=tiny", "step.alpha=1.5"], ["step.alpha", "[0, 1]"]),
+        (["reward=tiny", "train.max_steps=7"], ["train.max_steps", "step.rounds"]),
+        (["reward=tiny", "step.candidates=0"], ["step.candidates"]),
+    ],
+)
+def test_self_feedback_rejects_bad_settings(tmp_path, overrides, names):
+    assert_rejected(run_cli(tmp_path, "step=self_feedback", *overrides), tmp_path, *names)
+
+
 def test_dpo_rejects_data_without_chosen_and_rejected(tmp_path, exports):
     path = write_jsonl(tmp_path / "sft_only.jsonl", [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(8)])
     result = run_cli(

@@ -39,6 +39,7 @@ def test_dpo_tiny_recipe_learns_heldout_preferences_and_improves_answers(tmp_pat
     AutoModelForCausalLM.from_pretrained(run / "export")  # a plain Hugging Face model
 
 
+@pytest.mark.slow
 def test_dpo_zero3_two_ranks_resumes_exactly(tmp_path, sft_run):
     """Policy and reference both ZeRO-3 on two ranks; a run stopped at step 3 and resumed gives the same steps 4-6
     and the same weights as an uninterrupted run."""
@@ -71,6 +72,7 @@ def test_dpo_zero3_two_ranks_resumes_exactly(tmp_path, sft_run):
     assert set(w) == set(p) and all(torch.allclose(w[k], p[k], atol=1e-6) for k in w)
 
 
+@pytest.mark.slow
 def test_lora_dpo_keeps_no_second_copy_of_the_model(tmp_path):
     """A 19M-parameter model (75 MB in fp32) with LoRA: the reference is the policy with its adapters switched off.
     The same run with the reference as a frozen engine (step.reference_from) holds one model more (the resident

@@ -60,6 +60,7 @@ def test_grpo_tiny_recipe_raises_the_heldout_reward_without_critic_or_reward_mod
     assert (run / "samples.jsonl").read_text().count("\n") > 0
 
 
+@pytest.mark.slow
 def test_rloo_two_ranks_zero3_resumes_exactly(tmp_path, sft_run):
     """RLOO, KL in the reward, policy and reference ZeRO-3 on two ranks (generation in lockstep); stopped at step 2
     and resumed, it gives the same steps 3-4 and the same weights as an uninterrupted run."""

@@ -104,6 +104,7 @@ def test_two_ranks_zero3_actor_and_zero3_critic(sft_run, reward_run, tmp_path):
         assert moved > 0 and 0 < ema_moved < moved, key  # gathered from both ranks' partitions: it trails the actor
 
 
+@pytest.mark.slow
 def test_lora_ema_and_mixture_resume_exactly(sft_run, reward_run, tmp_path):
     """LoRA on actor and critic, the EMA and the pretraining mixture together; a run stopped at step 3 and resumed
     gives the same steps 4-6 as an uninterrupted run."""

@@ -293,3 +293,40 @@ def chunks(cfg: DictConfig, answers: int, made_of: str, epochs_key: str) -> None
             "steps",
             f"use a gradient_accumulation_steps that divides {n}",
         )
+
+
+def adapt(cfg: DictConfig, adapts_batch: bool, notes: list[str]) -> None:
+    """train.adapt's bounds and factors; the batch adapts only for a method with per-batch losses."""
+    a = cfg.train.adapt
+    if not a.enabled:
+        return
+    positive(cfg, "train.adapt.scale", "train.adapt.clip", "train.adapt.alpha", example="2.0")
+    positive(cfg, "train.adapt.lr_scale_min", "train.adapt.lr_scale_max", "train.adapt.batch_beta", example="1.0")
+    positive_int(cfg, "train.adapt.gas_min", "train.adapt.gas_max")
+    for low, high in (("lr_scale_min", "lr_scale_max"), ("gas_min", "gas_max")):
+        if a[low] > a[high]:
+            raise ConfigError(f"train.adapt.{low}", f"{a[low]} is above train.adapt.{high}={a[high]}")
+    if not a.lr_scale_min <= 1 <= a.lr_scale_max:
+        raise ConfigError(
+            "train.adapt.lr_scale_min", "the bounds must hold 1 (the schedule's own learning rate)", "e.g. 0.1 and 4"
+        )
+    gas = int(cfg.train.gradient_accumulation_steps)
+    if a.batch_beta != 1 and not adapts_batch:
+        raise ConfigError(
+            "train.adapt.batch_beta",
+            f"step={cfg.step.name} trains on fixed chunks of its rollouts: its batch cannot adapt",
+            "leave train.adapt.batch_beta=1 (the learning rate still adapts)",
+        )
+    if a.batch_beta != 1 and not a.gas_min <= gas <= a.gas_max:
+        raise ConfigError(
+            "train.gradient_accumulation_steps",
+            f"{gas} is outside train.adapt's bounds [{a.gas_min}, {a.gas_max}]",
+            "start within the bounds",
+        )
+    if not int(cfg.train.eval_every):
+        raise ConfigError("train.eval_every", "is 0: train.adapt decides after each evaluation", "e.g. 50")
+    notes.append(
+        f"train.adapt: after each evaluation, lr x {a.alpha}^r"
+        + (f" and gradient accumulation x {a.batch_beta}^-r" if a.batch_beta != 1 else "")
+        + f" (r: the objective's relative change / {a.scale}, within ±{a.clip})"
+    )

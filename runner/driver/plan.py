@@ -311,6 +311,7 @@ def make_plan(cfg: DictConfig, hw: Hardware | None = None) -> Plan:
     _resolve_batch(cfg, world)
     model_key = _resolve_sources(cfg, method)
     method.validate(cfg, notes)
+    checks.adapt(cfg, method.adapts_batch, notes)
     _validate_reward(cfg, method, notes)
     _validate_model(cfg, notes, model_key)
     _validate_data(cfg, method)

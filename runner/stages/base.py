@@ -43,6 +43,7 @@ class Method:
     checkpointed: ClassVar[tuple[str, ...]] = ("",)  # engines its checkpoints hold, by JSON name ("" = the main one)
     max_len_key: ClassVar[str] = "data.max_seq_len"  # the key that bounds a tokenised sample (see max_len)
     judged: ClassVar[bool] = False  # it trains a policy: the `reward` group judges its answers to held-out prompts
+    adapts_batch: ClassVar[bool] = True  # train.adapt may change its gradient accumulation (per-batch losses)
 
     def share_keys(self) -> tuple[str, ...]:
         return self.shares or (self.name,)

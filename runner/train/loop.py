@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner import faults
 from runner.data import batches as data_batches
-from runner.train import checkpoint, engine as eng, lifecycle, metrics as run_metrics
+from runner.train import adapt, checkpoint, engine as eng, lifecycle, metrics as run_metrics
 from runner.train.engine import Dist
 from runner.train.metrics import Metrics, Throughput
 
@@ -77,6 +77,7 @@ def run(task: Task, cfg: DictConfig, run_dir: Path, dist: Dist) -> dict | None:
     if task.evaluate_first and loop["eval_initial"] is None:
         loop["eval_initial"] = loop["eval_last"] = task.evaluate()  # the starting model, before any step
         metrics.log(0, loop["eval_initial"], prefix="eval")
+    adapting = adapt.attach(task, cfg, loop, dist) if cfg.train.adapt.enabled else None  # train.adapt
     started, step = time.time(), loop["step"]
     stop_at = int(train_cfg.stop_at_step or total)
     log_every, eval_every, save_every = int(train_cfg.log_every), int(train_cfg.eval_every), int(train_cfg.save_every)
@@ -96,6 +97,8 @@ def run(task: Task, cfg: DictConfig, run_dir: Path, dist: Dist) -> dict | None:
             paused = True
             loop["eval_last"] = task.evaluate()
             metrics.log(step, loop["eval_last"], prefix="eval")
+            if adapting:
+                metrics.log(step, adapting(loop["eval_last"].get(task.objective)), prefix="adapt")
             if task.best:
                 value, best = loop["eval_last"][task.best], loop["best"]
                 new_best = best is None or (value > best if task.best_mode == "max" else value < best)
@@ -118,7 +121,7 @@ def run(task: Task, cfg: DictConfig, run_dir: Path, dist: Dist) -> dict | None:
 
     if step < total:  # stopped on purpose (train.stop_at_step): checkpoint saved, resume continues
         metrics.close(None)
-        life.end("stopped", step=step)
+        life.end("stopped", step=step, **_objective(task, loop))
         if dist.main:
             print(
                 f"stopped at step {step} of {total} (train.stop_at_step); continue with "
@@ -156,8 +159,13 @@ def run(task: Task, cfg: DictConfig, run_dir: Path, dist: Dist) -> dict | None:
                 eval_pass_rate_initial=loop["eval_initial"]["pass_rate"], eval_pass_rate_final=last["pass_rate"]
             )
     metrics.close(summary)
-    life.end("completed", step=step)
+    life.end("completed", step=step, **_objective(task, loop))
     return summary
+
+
+def _objective(task, loop: dict) -> dict:
+    """The objective at the last evaluation, for the rank's record (population-based training reads it)."""
+    return {"objective_name": task.objective, "objective": (loop["eval_last"] or {}).get(task.objective)}
 
 
 def _wandb_note(cfg: DictConfig) -> list[str]:
@@ -241,6 +249,12 @@ class Supervised:
         self.extras.clear()
         speed.reset()
         return values
+
+    def set_accumulation(self, gas: int) -> None:
+        """Change the global batch through gradient accumulation (train.adapt); the micro-batch stays."""
+        if gas != self.gas:
+            self.gas = self.cursor.group = gas
+            self.engine.set_train_batch_size(gas * self.engine.train_micro_batch_size_per_gpu() * self.dist.world)
 
     def evaluate(self) -> dict:
         return self._evaluate()

@@ -35,6 +35,7 @@ def optimizer_steps_per_step(cfg: DictConfig) -> int:
 
 
 class GRPO(Method):
+    adapts_batch = False  # a step's chunks are fixed by its rollout (checks.chunks)
     name = "grpo"
     data = "prompts"
     judged = True

@@ -26,6 +26,7 @@ def optimizer_steps_per_step(cfg: DictConfig) -> int:
 
 
 class PPO(Method):
+    adapts_batch = False  # a step's chunks are fixed by its rollout (checks.chunks)
     name = "ppo"
     data = "prompts"
     judged = True
