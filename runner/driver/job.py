@@ -82,7 +82,7 @@ def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False) -> Launch
             if prepared is None:
                 with tempfile.TemporaryDirectory() as tmp:
                     prepared = prepare_data(p.cfg, method, tokenizer, Path(tmp))
-        else:
+        elif not p.cfg.train.max_steps:
             notes.append(
                 f"dry run: data sets {', '.join(str(d.path) for d in p.cfg.data.sets.values())} are not "
                 "read, so total_num_steps (epochs x steps per epoch) is computed at launch"
