@@ -58,6 +58,9 @@ def test_grpo_tiny_recipe_raises_the_heldout_reward_without_critic_or_reward_mod
     rewards = [r["train/reward_mean"] for r in train]
     assert sum(rewards[-10:]) > sum(rewards[:10])  # the training reward rises too
     assert (run / "samples.jsonl").read_text().count("\n") > 0
+    assert (run / "curves.png").stat().st_size > 10000  # every finished run draws its curves
+    card = (run / "export" / "README.md").read_text()  # and its export has a model card
+    assert "trained with grpo" in card and f"{grpo['eval_reward_gain']:+.4g}" in card
 
 
 @pytest.mark.slow

@@ -378,3 +378,43 @@ def test_the_launcher_is_found_beside_this_python_when_the_environment_is_not_ac
     assert cmd == [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1"]
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
     assert supervise.resolve(["no-such-launcher"], bare) == (None, bare)
+
+
+def test_a_finished_run_leaves_curves_and_a_model_card(tmp_path):
+    """runner.driver.artifacts: curves.png with a panel per logged metric, and export/README.md naming the method,
+    the start, the data, the settings, the held-out results and the command."""
+    import yaml
+
+    from runner.driver import artifacts
+
+    rows = [{"step": s, "train/loss": 3.0 / s, "train/lr": 1e-4} for s in range(1, 11)]
+    rows += [{"step": 10, "eval/loss": 0.5, "eval/reward_mean": 1.2}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {
+        "step": {"name": "sft", "init_from": None, "train_on_prompt": False},
+        "train": {"micro_batch_size": 8, "gradient_accumulation_steps": 2},
+        "model": {"name": "tiny", "path": None},
+        "data": {"sets": {"tiny": {"path": "runner/assets/tiny_data"}}, "split": {"sft": 2}},
+        "runtime": {"world_size": 2},
+        "zero": {"stage": 3},
+        "precision": {"dtype": "fp32"},
+        "optimizer": {"lr": 1e-4},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "overrides.yaml").write_text(yaml.safe_dump(["zero=stage3", "data.sets.tiny.weight=0.5"]))
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text("{}")
+    summary = {"steps": 10, "objective_name": "loss", "objective": 0.5, "export_dir": str(tmp_path / "export")}
+    summary |= {"eval_reward_initial": 1.0, "eval_reward_final": 1.2, "eval_reward_gain": 0.2, "eval_judge": "tiny"}
+    assert artifacts.curves(tmp_path).stat().st_size > 5000
+    card = artifacts.model_card(tmp_path, summary).read_text()
+    for text in (
+        "trained with sft",
+        "`tiny` (runner/assets/tiny_data)",
+        "10 steps on 2 rank(s), ZeRO stage 3",
+        "loss: 0.5",
+        "1 before training, 1.2 after (+0.2)",
+        "python -m runner zero=stage3 data.sets.tiny.weight=0.5",
+    ):
+        assert text in card, text
+    assert artifacts.model_card(tmp_path, {**summary, "export_dir": str(tmp_path / "none")}) is None

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from runner import manifest
-from runner.driver import rundir, supervise
+from runner.driver import artifacts, rundir, supervise
 
 PREEMPTED = 75  # EX_TEMPFAIL: stopped with a checkpoint on request; run it again (resume=) to continue
 
@@ -51,6 +51,14 @@ def record(run_dir: Path, overrides: list[str], outcome: supervise.Outcome, wall
     )
     for line in verdict(summary):
         print(line, file=sys.stderr if line.startswith("warning") else sys.stdout)
+    for what, write in (
+        ("curves", lambda: artifacts.curves(run_dir)),
+        ("model card", lambda: artifacts.model_card(run_dir, summary)),
+    ):
+        try:
+            write()
+        except (OSError, ValueError, KeyError) as exc:  # the run itself is done and recorded
+            print(f"note: could not write the {what} ({type(exc).__name__}: {exc})", file=sys.stderr)
     return summary
 
 
