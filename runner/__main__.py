@@ -97,6 +97,10 @@ def _check_override_syntax(args: list[str]) -> None:
 
 
 def cli() -> None:
+    if sys.argv[1:2] and sys.argv[1] in ("ls", "show", "compare"):  # run management (runner/runs.py)
+        from runner import runs
+
+        sys.exit(runs.main(sys.argv[1:]))
     _check_override_syntax(sys.argv[1:])
     held = sys.stderr = _HeldStderr(sys.stderr)
     try:
