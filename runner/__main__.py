@@ -96,12 +96,28 @@ def _check_override_syntax(args: list[str]) -> None:
         sys.exit(2)
 
 
+def _check_slurm_here(args: list[str]) -> None:
+    """deployment=slurm submits through submitit, which needs SLURM's commands on this machine (without them it would
+    fail with a traceback inside Hydra's launcher, before the runner's own checks)."""
+    import shutil
+
+    if "deployment=slurm" in args and not shutil.which("srun"):
+        print(
+            "error: deployment=slurm: SLURM's srun is not on this machine, so nothing can be submitted or planned "
+            "through it here\n  fix: run the command on a SLURM login node (dry_run=true there shows the plan); on "
+            "this machine, deployment=multi_node deployment.hostfile=FILE dry_run=true plans the same ranks",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
 def cli() -> None:
     if sys.argv[1:2] and sys.argv[1] in ("ls", "show", "compare"):  # run management (runner/runs.py)
         from runner import runs
 
         sys.exit(runs.main(sys.argv[1:]))
     _check_override_syntax(sys.argv[1:])
+    _check_slurm_here(sys.argv[1:])
     held = sys.stderr = _HeldStderr(sys.stderr)
     try:
         main()

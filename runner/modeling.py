@@ -163,8 +163,17 @@ def weights_numel(path: str | None) -> tuple[int, int] | None:
         return None
     sizes = []
     for f in files:
-        with open(f, "rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(length))
-        sizes += [math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__"]
-    return sum(sizes), max(sizes)
+        try:
+            with open(f, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(length))
+            sizes += [math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__"]
+        except (OSError, struct.error, ValueError, KeyError, TypeError) as exc:
+            from runner.errors import ConfigError
+
+            raise ConfigError(
+                str(f),
+                f"is not a readable safetensors file ({type(exc).__name__}: truncated or corrupt?)",
+                "download or export the model again",
+            ) from None
+    return (sum(sizes), max(sizes)) if sizes else None

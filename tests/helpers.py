@@ -78,14 +78,14 @@ def ds_parse(ds: dict, world_size: int):
 
 
 def fake_exports() -> tuple[Path, Path]:
-    """An SFT-like and a reward-like export of the tiny model (config, tokenizer, runner_export.json, an empty weights
-    file: planning reads no weights), for planning methods that read exports."""
+    """An SFT-like and a reward-like export of the tiny model (config, tokenizer, runner_export.json, a safetensors
+    file that holds no tensor: planning reads only headers), for planning methods that read exports."""
     import shutil
     import tempfile
 
     from omegaconf import OmegaConf
 
-    root = Path(tempfile.gettempdir()) / f"runner-fake-exports-v2-{os.getpid()}"
+    root = Path(tempfile.gettempdir()) / f"runner-fake-exports-v3-{os.getpid()}"
     for kind, arch in (("causal_lm", "OPTForCausalLM"), ("reward_model", "OPTForSequenceClassification")):
         out = root / kind
         if not out.exists():
@@ -93,7 +93,7 @@ def fake_exports() -> tuple[Path, Path]:
             arch_cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "tiny.yaml").arch)
             (out / "config.json").write_text(json.dumps({**arch_cfg, "architectures": [arch], "num_labels": 1}))
             (out / "runner_export.json").write_text(json.dumps({"kind": kind}))
-            (out / "model.safetensors").write_bytes(b"")  # a stand-in: planning checks that weights exist
+            (out / "model.safetensors").write_bytes(b"\x02" + b"\x00" * 7 + b"{}")  # a stand-in: no tensors
     return root / "causal_lm", root / "reward_model"
 
 

@@ -415,3 +415,15 @@ def test_fewer_samples_than_one_batch_even_with_max_steps(tmp_path):
     )
     cache = tuple((tmp_path / "outputs" / ".cache").rglob("*"))  # the tokenised data is cached for the next try
     assert_rejected(result, tmp_path, "train.micro_batch_size", "fewer than one step", keep=cache)
+
+
+def test_a_corrupt_weights_file_is_named(tmp_path, exports):
+    """A truncated safetensors file in an export the run reads (an interrupted download): one message naming the
+    file, exit 2, nothing written."""
+    import shutil
+
+    broken = tmp_path / "broken_reward"
+    shutil.copytree(exports["reward"], broken)
+    (broken / "model.safetensors").write_bytes(b"\x01\x02")
+    result = run_cli(tmp_path, *PPO_BASE, f"step.actor_from={exports['actor']}", f"step.critic_from={broken}")
+    assert_rejected(result, tmp_path, "model.safetensors", "not a readable safetensors file")

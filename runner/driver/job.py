@@ -59,6 +59,7 @@ def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False) -> Launch
     pending = planning.pending_sources(p.cfg, method)
     if not pending:
         method.check_sources(p.cfg)
+    sizes = {name: modeling.weights_numel(src) if src else None for name, src in method.engine_sources(p.cfg).items()}
     notes: list[str] = []
     prepared, extra, loaded = None, None, {}
 
@@ -146,9 +147,10 @@ def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False) -> Launch
     if p.deployment.name == "multi_node":
         env["DS_ENV_FILE"] = str(run_dir / "deepspeed_env")
     largest = p.cfg.model.get("largest_layer_params") or modeling.largest_layer(p.cfg.model, loaded.get("tok"))
-    sizes = {"": (arch_params, largest)}
-    for name, source in method.engine_sources(p.cfg).items():
-        sizes[name] = modeling.weights_numel(source) if source else None
+    sizes[""] = (
+        arch_params,
+        largest,
+    )  # (the other engines' sizes were read before the data: a bad file writes nothing)
     memory = run_memory(p.cfg, configs, sizes, max(p.nodes.values()), len(p.nodes))
     return Launch(
         p, run_dir, configs, launch.launcher_command(p.deployment, str(run_dir)), env, secret_env, memory, notes, resume

@@ -174,8 +174,8 @@ def run_one(cfg: DictConfig, overrides: list[str] | None = None, own_dir: bool =
                 "micro_batch_size": ds["train_micro_batch_size_per_gpu"],
             }
             rundir.write_status(_hydra_dir, "planned", overrides, plan=point)
-        else:
-            discard_empty_run_dir()
+            return 0.0  # (a search sweeper such as Optuna's needs a number: every planned point is alike)
+        discard_empty_run_dir()
         return None
 
     run_dir = rundir.claim(job.run_dir, explicit=explicit, resume=bool(cfg.resume) or own_dir)
