@@ -147,10 +147,8 @@ def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False) -> Launch
     if p.deployment.name == "multi_node":
         env["DS_ENV_FILE"] = str(run_dir / "deepspeed_env")
     largest = p.cfg.model.get("largest_layer_params") or modeling.largest_layer(p.cfg.model, loaded.get("tok"))
-    sizes[""] = (
-        arch_params,
-        largest,
-    )  # (the other engines' sizes were read before the data: a bad file writes nothing)
+    # (the other engines' sizes were read before the data, so that a bad weights file writes nothing)
+    sizes = {"": (arch_params, largest), **sizes}
     memory = run_memory(p.cfg, configs, sizes, max(p.nodes.values()), len(p.nodes))
     return Launch(
         p, run_dir, configs, launch.launcher_command(p.deployment, str(run_dir)), env, secret_env, memory, notes, resume
