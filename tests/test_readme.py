@@ -54,6 +54,8 @@ def test_readme_command_plans(command, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NNODES": "2"}
     if "deployment=slurm" not in command:
         env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    if "hparams_search=" in command:  # (an Optuna search plans each trial it samples: two show that it runs)
+        args.append("hydra.sweeper.n_trials=2")
     cmd = [sys.executable, "-m", module or "runner", *(["--help"] if module else [*args, "dry_run=true"])]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     if "deployment=slurm" in command and not __import__("shutil").which("srun"):  # (not a SLURM machine)
