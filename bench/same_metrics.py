@@ -2,7 +2,7 @@
 rank) with the runner of a base revision and with this checkout's, and compares every per-step metric the two
 write (losses, rewards, KL, accuracies, learning rates; not timings or memory) to a tolerance.
 
-    python bench/same_metrics.py --base 10cd144              # the commit before the stage plug-in redesign
+    python bench/same_metrics.py --base 10cd144 --this reward=none   # the commit before the stage plug-in redesign
     python bench/same_metrics.py --base HEAD~1 --tol 1e-6 [extra overrides for both runs ...]
 
 Exit code 0 when every compared value agrees within --tol (absolute, or relative for values above 1).
@@ -64,12 +64,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="git revision to compare against (e.g. 10cd144)")
     parser.add_argument("--tol", type=float, default=1e-6)
+    parser.add_argument(
+        "--this",
+        action="append",
+        default=[],
+        help="an override for this checkout's run only, to undo a deliberate change of defaults (e.g. reward=none: "
+        "the tiny recipe now judges held-out answers by the task's ground truth, not by the reward model)",
+    )
     parser.add_argument("overrides", nargs="*", help="extra overrides for both pipelines")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="same-metrics-"))
     with checkout(args.base) as base_tree:
         base = run_pipeline(base_tree, tmp / "base", args.overrides)
-    head = run_pipeline(Path(__file__).resolve().parent.parent, tmp / "head", args.overrides)
+    head = run_pipeline(Path(__file__).resolve().parent.parent, tmp / "head", [*args.overrides, *args.this])
     failed = False
     print(f"{'stage':8} {'values':>7} {'max rel diff':>13}  verdict   (base {args.base} vs this checkout)")
     for stage in ("sft", "reward", "ppo"):
