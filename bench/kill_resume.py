@@ -26,10 +26,17 @@ REPO = Path(__file__).resolve().parent.parent
 RUN = [sys.executable, "-m", "runner", "debug=quick", "train.save_every=2", "train.keep_last=2", "train.eval_every=0"]
 
 
+def command_line(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):  # (a process that just ended)
+        return ""
+
+
 def victims(driver: psutil.Process) -> dict[str, list[psutil.Process]]:
     tree = driver.children(recursive=True)
-    ranks = [p for p in tree if "runner.worker" in " ".join(p.cmdline())]
-    launcher = [p for p in tree if "deepspeed" in " ".join(p.cmdline()) and p not in ranks]
+    ranks = [p for p in tree if "runner.worker" in command_line(p)]
+    launcher = [p for p in tree if "deepspeed" in command_line(p) and p not in ranks]
     return {"rank": ranks[:1], "launcher": launcher[:1], "everything": [driver, *tree]}
 
 
