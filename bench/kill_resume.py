@@ -69,8 +69,8 @@ def one_try(n: int, rng: random.Random, root: Path, extra: list[str]) -> dict:
     again = subprocess.run([*RUN[:3], f"resume={run}"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     status = json.loads((run / "status.json").read_text())["status"] if (run / "status.json").exists() else None
     ok = again.returncode == 0 and status == "completed"
-    if killed == 0 and steps_before is None:
-        ok = again.returncode == 2  # killed before the first checkpoint existed: a resume is refused, cleanly
+    if killed == 0:  # it ended before the kill: a finished run (or one with no checkpoint) is refused, cleanly
+        ok = again.returncode == 2 and "Traceback" not in again.stderr
     return {
         "try": n,
         "killed": what if killed else "nothing (it had ended)",
