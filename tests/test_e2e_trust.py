@@ -140,3 +140,18 @@ def test_a_refused_resume_leaves_a_finished_runs_record_untouched(tmp_path, sft_
         proc = run_cli(tmp_path, f"resume={sft_run}", *extra, check=False)
         assert proc.returncode == 2 and why in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert {name: (sft_run / name).read_bytes() for name in record} == record
+
+
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_its_export(tmp_path, sft_run):
+    """Killed after the last checkpoint was committed but before the export and the summary were written (found by
+    bench/kill_resume.py): resume= finishes the run instead of refusing it as done."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(sft_run, run)
+    shutil.rmtree(run / "export")
+    (run / "summary.json").unlink()
+    proc = run_cli(tmp_path, f"resume={run}")
+    assert "every step is done (checkpoint step40)" in proc.stdout + proc.stderr
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
+    assert (run / "export" / "config.json").exists() and json.loads((run / "summary.json").read_text())["steps"] == 40

@@ -125,12 +125,14 @@ def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False) -> Launch
         tag, step, convert, resume_notes = resuming.plan(
             run_dir, configs, method.checkpointed, method.has_rank_state(p.cfg)
         )
-        if step >= total:
+        if step > total or (step == total and (run_dir / "summary.json").exists()):
             raise ConfigError(
                 "resume",
                 f"the run has done all its {total} steps (checkpoint {tag})",
                 "raise train.max_steps (or train.epochs) to train it further",
             )
+        if step == total:  # stopped after its last checkpoint, before its export and summary were written
+            resume_notes.append(f"every step is done (checkpoint {tag}): resuming writes the export and the summary")
         for name, universal in convert.items():
             if universal:
                 configs[name]["checkpoint"] = {"load_universal": True}
