@@ -155,3 +155,19 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_its_export(tmp_path, 
     assert "every step is done (checkpoint step40)" in proc.stdout + proc.stderr
     assert json.loads((run / "status.json").read_text())["status"] == "completed"
     assert (run / "export" / "config.json").exists() and json.loads((run / "summary.json").read_text())["steps"] == 40
+
+
+def test_a_run_killed_while_its_ranks_shut_down_is_recorded_as_completed_on_resume(tmp_path, sft_run):
+    """Killed after its checkpoint, export and summary were written (its status says failed: a rank died in the
+    teardown): resume= launches nothing and records it as completed, with its verdict."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(sft_run, run)
+    status = json.loads((run / "status.json").read_text())
+    (run / "status.json").write_text(json.dumps({**status, "status": "failed", "reason": "rank 1 killed by SIGKILL"}))
+    launches = (run / "launch.log").read_text().count("=== ")
+    proc = run_cli(tmp_path, f"resume={run}")
+    assert "recorded as completed" in proc.stdout and "held-out loss" in proc.stdout
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
+    assert (run / "launch.log").read_text().count("=== ") == launches  # nothing was launched

@@ -16,6 +16,19 @@ from runner.overrides import secret_keys
 from runner.paths import is_local_path
 
 
+class Finished(Exception):
+    """A run asked to resume had written its last checkpoint, export and summary before it was stopped."""
+
+
+def rundir_status(run_dir: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((run_dir / "status.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
 @dataclasses.dataclass
 class Launch:
     """Everything a run needs, checked, before anything of the run directory is written."""
@@ -125,6 +138,8 @@ def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False) -> Launch
         tag, step, convert, resume_notes = resuming.plan(
             run_dir, configs, method.checkpointed, method.has_rank_state(p.cfg)
         )
+        if step == total and (run_dir / "summary.json").exists() and rundir_status(run_dir) != "completed":
+            raise Finished(run_dir)  # killed after its last work was written (e.g. while the ranks shut down)
         if step > total or (step == total and (run_dir / "summary.json").exists()):
             raise ConfigError(
                 "resume",

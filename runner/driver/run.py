@@ -34,7 +34,7 @@ from runner.driver import (
     slurm,
     supervise,
 )
-from runner.driver.job import Launch, move, prepare
+from runner.driver.job import Finished, Launch, move, prepare
 from runner.errors import ConfigError
 from runner.overrides import key as key_of, merge, redact
 
@@ -160,7 +160,19 @@ def run_one(cfg: DictConfig, overrides: list[str] | None = None, own_dir: bool =
         own_dir = True
     keys.check_added(cfg, overrides)
     raw = bool(cfg.get("ds")) or any(key_of(o).startswith("zero.") for o in overrides)
-    job = prepare(cfg, scrub=_scrub_sweep_file, raw_ds_keys=raw)
+    try:
+        job = prepare(cfg, scrub=_scrub_sweep_file, raw_ds_keys=raw)
+    except Finished as done:  # every step, the export and the summary were written; only its record was lost
+        run_dir = Path(str(done))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        rundir.write_status(run_dir, "completed", overrides, note="completed before it was stopped; recorded on resume")
+        print(
+            f"{run_dir} had written its last checkpoint, its export and its summary before it was stopped: "
+            "recorded as completed"
+        )
+        for line in outcome_.verdict(summary):
+            print(line)
+        return _objective(summary)
     if job.plan.cfg.dry_run:
         show.plan(job.plan.cfg, job.configs, job.cmd, job.env, job.memory, job.plan.notes + job.notes)
         if is_multirun():  # a planned sweep: each point keeps its plan for the sweep's plan report
