@@ -49,14 +49,16 @@ def test_sweep_records_every_point_skips_finished_ones_and_reports(tmp_path):
 
 
 def test_failed_point_is_recorded_and_the_sweep_goes_on(tmp_path):
-    # point 1's model passes planning (config, tokenizer, a weights file) but its weights are not a model: a crash
-    # inside the launched job
+    # point 1's model passes planning (config, tokenizer, a weights file whose header reads) but its weights are
+    # truncated: a crash inside the launched job
     import shutil
 
     from tests.helpers import fake_exports
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(fake_exports()[0], corrupt)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}).encode()
+    (corrupt / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)  # its data is missing
     proc = run_cli(tmp_path, "-m", f"model.path=null,{corrupt}", "sweep_name=f", *SHORT, check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]  # every point ran, the report is written, and the exit says so
     assert "1 of 2 sweep points did not complete: 1 (failed)" in proc.stderr
