@@ -68,7 +68,7 @@ class SelfFeedbackTask:
             len(self.rows), int(step.prompts_per_round), dist.world, dist.rank, int(cfg.seed) + 1
         )
         self.kept: list[dict] = []  # this rank's kept answers of the current round: {"input_ids", "prompt_len"}
-        self.kept_position, self.round_stats, self.history, self.tokens = 0, {}, [], 0
+        self.kept_position, self.history, self.tokens = 0, [], 0  # history: each round's stats, the last current
         if not cfg.resume:  # (a resumed run continues the random stream its checkpoint saved)
             torch.manual_seed(int(cfg.seed) * 1000 + dist.rank * 7919)  # sampling differs across ranks
 
@@ -153,8 +153,7 @@ class SelfFeedbackTask:
     def train_step(self, step: int, log: bool) -> dict:
         starts = (step - 1) % self.per_round == 0  # a round starts (a resumed one has its answers in rank state)
         if starts:
-            self.round_stats = self.new_round((step - 1) // self.per_round + 1)
-            self.history.append(dict(self.round_stats))
+            self.history.append(self.new_round((step - 1) // self.per_round + 1))
         alpha = self.alphas[(step - 1) // self.per_round]
         start, sums = time.perf_counter(), {"loss": 0.0, "data_loss": 0.0, "gen_loss": 0.0, "gen_batches": 0.0}
         for _ in range(self.gas):
@@ -174,7 +173,7 @@ class SelfFeedbackTask:
         out = {"loss": loss / world, "data_loss": data_loss / world, "alpha": alpha, "lr": self.policy.get_lr()[0]}
         if gen_batches:
             out["gen_loss"] = gen_loss / gen_batches
-        out.update(self.round_stats if starts else {"round": self.round_stats["round"]})
+        out.update(self.history[-1] if starts else {"round": self.history[-1]["round"]})
         out["step_time_s"] = time.perf_counter() - start
         return out
 
@@ -214,7 +213,6 @@ class SelfFeedbackTask:
         return {
             "data": self.data.state_dict(),
             "prompts": self.prompts.state_dict(),
-            "round_stats": self.round_stats,
             "history": self.history,
             "tokens": self.tokens,
         }
@@ -222,7 +220,7 @@ class SelfFeedbackTask:
     def load_state_dict(self, state: dict) -> None:
         self.data.load_state_dict(state["data"])
         self.prompts.load_state_dict(state["prompts"])
-        self.round_stats, self.history, self.tokens = state["round_stats"], state["history"], state["tokens"]
+        self.history, self.tokens = state["history"], state["tokens"]
 
     def rank_state_dict(self) -> dict:
         return {"kept": self.kept, "kept_position": self.kept_position}
