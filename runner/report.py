@@ -90,7 +90,11 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
                 zero=plan["zero_stage"],
                 micro_batch=plan["micro_batch_size"],
                 world=plan["world_size"],
-                plan_gb_per_device=round(plan["memory"]["per_device_gb"], 3),
+                plan_gb_per_device=plan.get("peak_gb", round(plan["memory"]["per_device_gb"], 3)),
+                states_gb_per_device=round(plan["memory"]["per_device_gb"], 3),
+                verdict=plan.get("verdict"),
+                est_tokens_per_s=plan.get("tokens_per_s"),
+                suggestion=" ".join((plan.get("suggestion") or {}).get("overrides", [])),
             )
         metrics_file = point / "metrics.jsonl"
         if metrics_file.exists():
@@ -187,14 +191,20 @@ def write(sweep_dir: Path) -> Path | None:
         return None
     if all(r["status"] == "planned" for r in rows):
         lines = [
-            "# Sweep plan: model-state memory per device (DeepSpeed's estimators)",
+            "# Sweep plan: peak memory per device, verdict and estimated throughput of every point",
             "",
-            "| point | ZeRO | micro-batch | world | GiB per device | overrides |",
-            "|---|---|---|---|---|---|",
+            "Peak = runtime overhead + every engine's model states + the largest activations of a step (each point's",
+            "plan.md has the breakdown); tokens/s is an estimate from FLOPs at the hardware's assumed utilisation.",
+            "",
+            "| point | ZeRO | micro-batch | world | peak GiB per device | model states GiB | verdict | est. tokens/s "
+            "| would fit with | overrides |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {r['point']} | {r['zero']} | {r['micro_batch']} | {r['world']} | {r['plan_gb_per_device']} | "
-            f"`{r['overrides']}` |"
+            f"| {r['point']} | {r['zero']} | {r['micro_batch']} | {r['world']} | {r['plan_gb_per_device']:.3f} | "
+            f"{r.get('states_gb_per_device', '')} | {r.get('verdict') or ''} | "
+            f"{_fmt(round(r['est_tokens_per_s'])) if r.get('est_tokens_per_s') else ''} | "
+            f"{('`' + r['suggestion'] + '`') if r.get('suggestion') else ''} | `{r['overrides']}` |"
             for r in rows
         ]
         out = sweep_dir / "plan.md"

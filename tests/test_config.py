@@ -992,7 +992,10 @@ def test_memory_plans_every_engine_of_a_run(compose):
         (3, False, (2 * params / 8 + 2 * largest) / GiB, 0),
         (3, True, 2 * largest / GiB, 2 * params / GiB),
     ]:
-        configs = {"": {}, "reference": inference_config(cfg, 8, 4, stage, offload)}
+        configs = {
+            "": DPO().engine_configs(cfg, 8, 10, "/tmp/x")[""],
+            "reference": inference_config(cfg, 8, 4, stage, offload),
+        }
         m = memory.run_memory(cfg, configs, sizes, 8, 1)
         ref = m["engines"]["reference"]
         assert not ref["trained"] and ref["num_params"] == params
@@ -1046,35 +1049,45 @@ def _section(out: str, title: str) -> str:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_dry_run_cli(cli_dry_runs, preset):
+    """A dry run prints a summary (the verdict, the biggest terms, the time estimate, the launcher command) and writes
+    the recipe, the DeepSpeed JSON and the breakdown into its run directory."""
     proc, cwd = cli_dry_runs[preset].result(timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout
-    for marker in ("# composed recipe", "# ds_config.json", "# launcher command", "per device:"):
+    for marker in ("plan: sft of", "memory per device:", "biggest:", "time (an estimate", "launch: ", "plan files: "):
         assert marker in out
+    assert len(out.splitlines()) < 20  # a summary, not the recipe
 
-    recipe = yaml.safe_load(_section(out, "composed recipe"))
-    assert (recipe["model"]["name"], recipe["deployment"]["name"], recipe["dry_run"]) == (preset, "single_gpu", True)
-    ds = json.loads(_section(out, "ds_config.json"))
-    assert ds["train_batch_size"] == 8 and ds["zero_optimization"] == {"stage": 0}
-    ds_parse(ds, 1)
-
-    words = _section(out, "launcher command").splitlines()[0].split()
+    words = next(line for line in out.splitlines() if line.startswith("launch: ")).split()[1:]
     at = words.index("deepspeed")
     env, cmd = dict(w.split("=", 1) for w in words[:at]), words[at:]
     assert env["DS_ACCELERATOR"] == "cuda"
     run_dir = Path(cmd[-1])
     assert cmd[:3] == ["deepspeed", "--num_gpus", "1"] and cmd[5:-1] == ["--no_local_rank", "--module", "runner.worker"]
     assert cmd[3] == "--master_port" and cmd[4].isdigit()
-    assert run_dir.parent == cwd.resolve() / "outputs" / "sft" and not run_dir.exists()
-    assert not (cwd / "outputs" / "sft").exists()  # the run directory Hydra made is removed again
+    assert run_dir.parent == cwd.resolve() / "outputs" / "sft"
 
+    recipe = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (recipe["model"]["name"], recipe["deployment"]["name"], recipe["dry_run"]) == (preset, "single_gpu", True)
+    ds = json.loads((run_dir / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 8 and ds["zero_optimization"] == {"stage": 0}
+    ds_parse(ds, 1)
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["verdict"] in out.lower() and f"{plan['peak_gb']:,.1f} GiB" in out
     num_params = OmegaConf.load(CONF / "model" / f"{preset}.yaml").num_params
     if num_params:
-        assert f"parameters: {num_params:,}" in out
+        assert plan["model_states"]["num_params"] == num_params
+        assert f"| the trained model | yes | {num_params:,} |" in (run_dir / "plan.md").read_text()
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_dry_run_leaves_no_files(cli_dry_runs, preset):
+def test_dry_run_writes_only_its_plan(cli_dry_runs, preset):
     proc, cwd = cli_dry_runs[preset].result(timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert [str(p.relative_to(cwd)) for p in cwd.rglob("*") if p.is_file()] == []
+    files = sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*") if p.is_file())
+    run_dir = Path(files[0]).parent
+    assert run_dir.parent == Path("outputs/sft")
+    assert [Path(f).name for f in files] == sorted(
+        ["config.yaml", "overrides.yaml", "ds_config.json", "launch.sh", "plan.json", "plan.md", "status.json"]
+    )
+    assert json.loads((cwd / run_dir / "status.json").read_text())["status"] == "planned"

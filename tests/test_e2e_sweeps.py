@@ -86,6 +86,8 @@ def test_planned_sweep_estimates_memory_per_point(tmp_path):
     assert len(rows) == 4
     per_device = {(r.split("|")[2].strip(), r.split("|")[3].strip()): float(r.split("|")[5]) for r in rows}
     assert per_device[("3", "1")] < per_device[("2", "1")]  # ZeRO-3 needs less per device than ZeRO-2
+    assert per_device[("2", "2")] > per_device[("2", "1")]  # activations grow with the micro-batch
+    assert all(v in plan for v in ("fits", "est. tokens/s"))
 
 
 def test_two_nodes_on_one_machine_match_a_single_node(tmp_path, sft_runs):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from runner.driver import checks, ds_check, launch, plan as planning, resume as resuming
+from runner.driver import checks, ds_check, fit, launch, plan as planning, resume as resuming
 from runner.driver.memory import run_memory
 from runner.errors import ConfigError
 from runner.overrides import secret_keys
@@ -42,6 +42,7 @@ class Launch:
     memory: dict
     notes: list[str]
     resume: dict | None = None
+    fit: dict | None = None  # runner.driver.fit.assess: peak per device, verdict, suggestion, time estimate
 
 
 def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False) -> Launch:
@@ -73,6 +74,15 @@ def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False) -> Launch
     if not pending:
         method.check_sources(p.cfg)
     sizes = {name: modeling.weights_numel(src) if src else None for name, src in method.engine_sources(p.cfg).items()}
+    # does it fit? (before the data is prepared: a run that cannot fit writes nothing)
+    arch_params = modeling.count_params(p.cfg.model)
+    largest = p.cfg.model.get("largest_layer_params") or modeling.largest_layer(p.cfg.model)
+    sizes = {"": (arch_params, largest), **{k: v for k, v in sizes.items() if v}}
+    gpus_per_node, nodes = max(p.nodes.values()), len(p.nodes)
+    check_configs = method.engine_configs(p.cfg, p.world_size, 1, str(run_dir))
+    fit_ = fit.assess(p.cfg, method, check_configs, sizes, gpus_per_node, nodes)
+    if fit_["verdict"] == "does not fit" and not p.cfg.dry_run and p.cfg.plan.on_unfit != "launch":
+        raise ConfigError("plan", *fit.refusal(fit_))
     notes: list[str] = []
     prepared, extra, loaded = None, None, {}
 
@@ -104,7 +114,6 @@ def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False) -> Launch
     else:
         prepared = prepare_data(p.cfg, method, tokenizer, cache)
         extra = method.prepare_extra(p.cfg, tokenizer, cache)
-    arch_params = modeling.count_params(p.cfg.model, loaded.get("tok"))
     samples, key, what = method.step_samples(p.cfg, p.world_size)
     steps_per_epoch = prepared.counts["train"] // samples if prepared else 0
     total = int(p.cfg.train.max_steps) if p.cfg.train.max_steps else int(p.cfg.train.epochs) * steps_per_epoch
@@ -163,13 +172,10 @@ def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False) -> Launch
     env = launch.worker_env(p.deployment)
     if p.deployment.name == "multi_node":
         env["DS_ENV_FILE"] = str(run_dir / "deepspeed_env")
-    largest = p.cfg.model.get("largest_layer_params") or modeling.largest_layer(p.cfg.model, loaded.get("tok"))
-    # (the other engines' sizes were read before the data, so that a bad weights file writes nothing)
-    sizes = {"": (arch_params, largest), **sizes}
-    memory = run_memory(p.cfg, configs, sizes, max(p.nodes.values()), len(p.nodes))
-    return Launch(
-        p, run_dir, configs, launch.launcher_command(p.deployment, str(run_dir)), env, secret_env, memory, notes, resume
-    )
+    memory = run_memory(p.cfg, configs, sizes, gpus_per_node, nodes)
+    fit_["time"] = fit.time_estimate(p.cfg, method, sizes, p.world_size, total)
+    cmd = launch.launcher_command(p.deployment, str(run_dir))
+    return Launch(p, run_dir, configs, cmd, env, secret_env, memory, notes, resume, fit_)
 
 
 def move(job: Launch, run_dir: Path) -> None:

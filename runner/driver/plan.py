@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from runner import stages
-from runner.driver import checks
+from runner.driver import checks, hardware
 from runner.driver.deployment import Hardware, resolve_deployment
 from runner.errors import ConfigError
 from runner.paths import is_local_path, local
@@ -37,7 +37,8 @@ class Plan:
 def _resolve_precision(cfg: DictConfig, hw: Hardware, accelerator: str, notes: list[str]) -> None:
     prec = cfg.precision
     if prec.dtype == "auto":
-        prec.dtype = ("bf16" if hw.bf16 else "fp16") if accelerator == "cuda" else "fp32"
+        bf16 = hw.bf16 if hw.cuda_devices else bool(cfg.hardware.bf16)  # (planned GPUs: the hardware preset's)
+        prec.dtype = ("bf16" if bf16 else "fp16") if accelerator == "cuda" else "fp32"
         notes.append(f"precision=auto chose {prec.dtype} for the {accelerator} accelerator")
     if prec.dtype not in ("fp32", "fp16", "bf16"):
         raise ConfigError("precision.dtype", f"unknown dtype {prec.dtype!r}", "use precision=fp32, fp16 or bf16")
@@ -305,6 +306,7 @@ def make_plan(cfg: DictConfig, hw: Hardware | None = None) -> Plan:
     hw = hw or Hardware.detect()
     notes: list[str] = []
     world, nodes = resolve_deployment(cfg, hw, bool(cfg.dry_run), notes)
+    hardware.resolve(cfg, hw, notes)
     _resolve_precision(cfg, hw, cfg.deployment.accelerator, notes)
     checks.zero(cfg.zero)
     _resolve_optimizer(cfg, cfg.deployment.accelerator, notes)

@@ -138,7 +138,9 @@ def _write(job: Launch, overrides: list[str]) -> None:
     (run_dir / "launch.sh").chmod(0o755)
     if job.plan.deployment.name == "multi_node":
         (run_dir / "deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in job.env.items() if k != "DS_ENV_FILE"))
-    (run_dir / "memory_plan.json").write_text(json.dumps(job.memory, indent=2) + "\n")
+    (run_dir / "plan.json").write_text(json.dumps(job.fit, indent=2) + "\n")
+    notes = job.plan.notes + job.notes
+    (run_dir / "plan.md").write_text(show.plan_md(cfg, job.configs, job.cmd, job.env, job.fit, notes))
     shutil.rmtree(run_dir / "ranks", ignore_errors=True)  # this attempt's ranks write their own records
 
 
@@ -173,22 +175,26 @@ def run_one(cfg: DictConfig, overrides: list[str] | None = None, own_dir: bool =
         for line in outcome_.verdict(summary):
             print(line)
         return _objective(summary)
-    if job.plan.cfg.dry_run:
-        show.plan(job.plan.cfg, job.configs, job.cmd, job.env, job.memory, job.plan.notes + job.notes)
-        if is_multirun():  # a planned sweep: each point keeps its plan for the sweep's plan report
-            ds = job.configs[""]
-            point = {
-                "memory": job.memory,
-                "world_size": job.plan.world_size,
-                "command": job.cmd,
-                "train_batch_size": ds["train_batch_size"],
-                "zero_stage": ds["zero_optimization"]["stage"],
-                "micro_batch_size": ds["train_micro_batch_size_per_gpu"],
-            }
-            rundir.write_status(_hydra_dir, "planned", overrides, plan=point)
-            return 0.0  # (a search sweeper such as Optuna's needs a number: every planned point is alike)
-        discard_empty_run_dir()
-        return None
+    if job.plan.cfg.dry_run:  # the plan's files are written, its summary printed; nothing is launched
+        _write(job, overrides)
+        show.plan(job.plan.cfg, job.cmd, job.env, job.fit, job.plan.notes + job.notes, job.run_dir)
+        ds, fit = job.configs[""], job.fit
+        point = {
+            "memory": job.memory,
+            "peak_gb": fit["peak_gb"],
+            "verdict": fit["verdict"],
+            "suggestion": fit.get("suggestion"),
+            "tokens_per_s": (fit.get("time") or {}).get("tokens_per_s"),
+            "step_s": (fit.get("time") or {}).get("step_s"),
+            "world_size": job.plan.world_size,
+            "command": job.cmd,
+            "train_batch_size": ds["train_batch_size"],
+            "zero_stage": ds["zero_optimization"]["stage"],
+            "micro_batch_size": ds["train_micro_batch_size_per_gpu"],
+        }
+        rundir.write_status(job.run_dir, "planned", overrides, plan=point)
+        # (a search sweeper such as Optuna's needs a number: every planned point is alike)
+        return 0.0 if is_multirun() else None
 
     run_dir = rundir.claim(job.run_dir, explicit=explicit, resume=bool(cfg.resume) or own_dir)
     if run_dir != job.run_dir:

@@ -1,41 +1,121 @@
-"""What the driver prints: the plan of a dry run, and the end of a run."""
+"""What the driver prints and writes for a plan: a short summary on the console (does it fit, the biggest terms,
+the estimated step time, the launcher command) and the whole plan in plan.md beside the recipe and JSONs."""
 
 from __future__ import annotations
 
-import json
-
-import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 
 
-def plan(cfg, configs: dict, cmd: list[str], env: dict, memory: dict | None, notes: list[str]) -> None:
-    print("# composed recipe\n" + yaml.safe_dump(OmegaConf.to_container(cfg, resolve=True), sort_keys=False).rstrip())
-    for name, config in configs.items():
-        main = " (the trained model's)" if not name and len(configs) > 1 else ""
-        print(f"\n# ds_config{'.' + name if name else ''}.json{main}\n" + json.dumps(config, indent=2))
-    print(
-        "\n# launcher command\n"
-        + " ".join(f"{k}={v}" for k, v in sorted(env.items()))
+def command(cmd: list[str], env: dict) -> str:
+    return (
+        " ".join(f"{k}={v}" for k, v in sorted(env.items()))
         + " "
         + " ".join(s if s and " " not in s else repr(s) for s in cmd)
     )
-    if memory:
-        print(
-            f"\n# model-state memory ({memory['source']})\n"
-            f"parameters: {memory['num_params']:,}   devices: {memory['devices']}\n"
-            f"per device: {gib(memory['per_device_gb'])}   per node (CPU): {gib(memory['per_node_cpu_gb'])}"
+
+
+def headline(cfg: DictConfig, world: int, fit: dict) -> str:
+    hw, model = fit["hardware"], cfg.model
+    size = fit["model_states"]["num_params"]
+    return (
+        f"plan: {cfg.step.name} of {model.get('name') or model.path} ({_count(size)} parameters) on {world} x "
+        f"{hw['name']} ({hw['device']}), ZeRO-{cfg.zero.stage}, {cfg.precision.dtype}, global batch "
+        f"{cfg.train.micro_batch_size} x {cfg.train.gradient_accumulation_steps} x {world}"
+    )
+
+
+def verdict_lines(fit: dict) -> list[str]:
+    v = fit["verdict"]
+    head = {"fits": "fits", "tight": "TIGHT", "does not fit": "DOES NOT FIT"}[v]
+    lines = [
+        f"memory per device: {gib(fit['peak_gb'])} at its peak of {gib(fit['capacity_gb'])}: {head}"
+        + (f" ({fit['headroom']:.0%} headroom)" if v != "does not fit" else ""),
+        "  biggest: " + " · ".join(f"{k} {gib(fit['terms_gb'][k])}" for k in fit["biggest"]),
+    ]
+    if fit["host_gb"]:
+        lines.append(f"  CPU memory per node: {gib(fit['host_gb'])} of {gib(fit['host_capacity_gb'] or 0)}")
+    s = fit.get("suggestion")
+    if v != "fits":
+        lines.append(
+            f"  cheapest change that fits: {' '.join(s['overrides'])} -> {gib(s['peak_gb'])} per device "
+            f"({s['headroom']:.0%} headroom)"
+            if s
+            else "  no single change of ZeRO stage, checkpointing, micro-batch or offload makes it fit: more devices"
         )
-        engines = memory.get("engines") or {}
-        for name, e in engines.items() if len(engines) > 1 else ():
-            role = "trained" if e["trained"] else "frozen"
-            print(
-                f"  {name or 'model'} ({role}, {e['num_params']:,} parameters): {gib(e['per_device_gb'])} per "
-                f"device, {gib(e['per_node_cpu_gb'])} CPU per node"
-            )
+    return lines
+
+
+def time_line(fit: dict) -> str:
+    t = fit.get("time") or {}
+    if not t.get("step_s"):
+        return f"time: no estimate ({t.get('why', 'unknown')})"
+    run = f"; {t['run_s'] / t['step_s']:.0f} steps ≈ {_duration(t['run_s'])}" if t.get("run_s") else ""
+    return (
+        f"time (an estimate: {t['assumption']}): {_duration(t['step_s'])} per step, "
+        f"{t['tokens_per_s']:,.0f} tokens/s{run}"
+    )
+
+
+def plan(cfg, cmd: list[str], env: dict, fit: dict, notes: list[str], run_dir) -> None:
+    """The dry run's console: a summary; the rest is in run_dir (plan.md, config.yaml, ds_config*.json)."""
+    print(headline(cfg, int(cfg.runtime.world_size), fit))
+    for line in verdict_lines(fit) + [time_line(fit)]:
+        print(line)
+    print(f"launch: {command(cmd, env)}")
+    print(f"plan files: {run_dir}/ (plan.md: the whole breakdown; config.yaml; ds_config*.json; launch.sh)")
     for note in notes:
         print(f"note: {note}")
 
 
+def plan_md(cfg, configs: dict, cmd: list[str], env: dict, fit: dict, notes: list[str]) -> str:
+    """plan.md: everything the plan knows, for a person."""
+    hw, states = fit["hardware"], fit["model_states"]
+    out = [f"# {headline(cfg, int(cfg.runtime.world_size), fit)}", ""]
+    out += [line.strip() if not line.startswith("  ") else f"- {line.strip()}" for line in verdict_lines(fit)]
+    out += ["", "## Memory per device at the peak", "", "| term | GiB |", "|---|---|"]
+    out += [f"| {k} | {v:,.3f} |" for k, v in fit["terms_gb"].items()]
+    out += [f"| **total** | **{fit['peak_gb']:,.3f}** |", ""]
+    out += [f"Model states counted by: {states['source']}.", "", "| engine | trained | parameters | GiB per device |"]
+    out += ["|---|---|---|---|"]
+    out += [
+        f"| {name or 'the trained model'} | {'yes' if e['trained'] else 'no (frozen)'} | {e['num_params']:,} | "
+        f"{e['per_device_gb']:,.3f} |"
+        for name, e in states["engines"].items()
+    ]
+    out += [
+        "",
+        f"Hardware: {hw['name']} ({hw['device']}), {hw['device_memory_gb']} GiB per device, "
+        f"{hw['peak_tflops']} peak TFLOP/s, assumed utilisation {hw['mfu']}.",
+        "",
+        "## Time",
+        "",
+        time_line(fit),
+        "",
+        "## Launcher command",
+        "",
+        "```",
+        command(cmd, env),
+        "```",
+    ]
+    out += ["", "## Notes", ""] + [f"- {n}" for n in notes] if notes else []
+    out += ["", "The DeepSpeed JSONs: " + ", ".join(f"ds_config{'.' + n if n else ''}.json" for n in configs)]
+    return "\n".join(out) + "\n"
+
+
 def gib(value: float) -> str:
     """A size given in GiB, in GiB, or in MiB when under one."""
-    return "0 GiB" if value == 0 else f"{value:.2f} GiB" if value >= 1 else f"{value * 1024:.1f} MiB"
+    return "0 GiB" if value == 0 else f"{value:,.1f} GiB" if value >= 1 else f"{value * 1024:,.1f} MiB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.1f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n:,}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

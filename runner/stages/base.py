@@ -71,6 +71,15 @@ class Method:
             "micro_batch_size × world size × gradient_accumulation_steps",
         )
 
+    def workload(self, cfg: DictConfig, world: int) -> list:
+        """The passes of one training step on each rank (runner.driver.estimate.Pass), for the memory plan and the
+        time estimate: by default a training pass of train.micro_batch_size samples of data.max_seq_len tokens (the
+        longest a padded batch can be) per micro-step."""
+        from runner.driver.estimate import Pass
+
+        micro, gas = int(cfg.train.micro_batch_size), int(cfg.train.gradient_accumulation_steps)
+        return [Pass("", "train", micro, int(cfg.data.max_seq_len), times=gas, what="training")]
+
     def prepare_extra(self, cfg: DictConfig, tokenizer, cache_root: Path) -> dict | None:
         """Data beside the stage's rows (PPO's pretraining mixture), prepared by the driver; recorded in runtime.
         `tokenizer()` returns the run's tokenizer (loaded when first asked for)."""

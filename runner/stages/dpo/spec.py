@@ -71,6 +71,23 @@ class DPO(Method):
             }[mode]
         )
 
+    def workload(self, cfg: DictConfig, world: int) -> list:
+        """Chosen and rejected through the policy, and through the reference without gradients (unless the loss
+        needs none or its log-probs were precomputed)."""
+        from runner.driver.estimate import Pass
+
+        micro, gas, s = (
+            int(cfg.train.micro_batch_size),
+            int(cfg.train.gradient_accumulation_steps),
+            int(cfg.data.max_seq_len),
+        )
+        passes = [Pass("", "train", 2 * micro, s, times=gas, what="policy training")]
+        mode = reference_mode(cfg)
+        if mode in ("engine", "adapters"):
+            ref = "reference" if mode == "engine" else ""
+            passes.append(Pass(ref, "forward", 2 * micro, s, times=gas, what="reference log-probs"))
+        return passes
+
     def engine_sources(self, cfg: DictConfig) -> dict[str, str | None]:
         return {**super().engine_sources(cfg), "reference": cfg.step.reference_from}
 

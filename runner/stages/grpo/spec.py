@@ -127,6 +127,28 @@ class GRPO(Method):
                 return int(found)
         return OmegaConf.select(cfg, "model.arch.max_position_embeddings")
 
+    def workload(self, cfg: DictConfig, world: int) -> list:
+        """Generation of rollout.prompts x rollout.n answers, the reference's log-probs (unless the KL is off) in
+        batches of train.micro_batch_size prompts, then step.epochs passes of training chunks of micro answers."""
+        from runner.driver.estimate import Pass
+
+        step = cfg.step
+        n, prompts, micro = int(step.rollout.n), int(step.rollout.prompts), int(cfg.train.micro_batch_size)
+        prompt, new = int(step.max_prompt_len), int(step.generation.max_new_tokens)
+        passes = [
+            Pass("", "generate", prompts * n, prompt, new=new, what="generation"),
+            Pass("", "forward", micro * n, prompt + new, times=prompts / micro, what="experience: policy"),
+            Pass("", "train", micro, prompt + new, times=prompts * n * int(step.epochs) / micro, what="training"),
+        ]
+        if placement(cfg) != "none":
+            passes.insert(
+                2,
+                Pass(
+                    "reference", "forward", micro * n, prompt + new, times=prompts / micro, what="experience: reference"
+                ),
+            )
+        return passes
+
     def engine_configs(self, cfg: DictConfig, world: int, total_steps: int, run_dir: str) -> dict[str, dict]:
         """The policy's (over total_steps x optimizer_steps_per_step optimizer steps); the reference's unless the KL
         is off (ZeRO-3 when the policy is, or offloaded); the judge's reward models'."""

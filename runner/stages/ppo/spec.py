@@ -133,6 +133,25 @@ class PPO(Method):
         spec = OmegaConf.create({k: uns[k] for k in ("path", "config_name", "split", "field")})
         return {"unsupervised": prepare_text_blocks(spec, "step.unsupervised", tokenizer(), block, cache_root)}
 
+    def workload(self, cfg: DictConfig, world: int) -> list:
+        """Per rollout batch: generation (the actor's KV cache), then the actor, reference, critic and reward model
+        score the answers; then ppo_epochs passes of actor and critic training chunks."""
+        from runner.driver.estimate import Pass
+
+        step = cfg.step
+        g, prompt, new = int(step.generation_batch_size), int(step.max_prompt_len), int(step.generation.max_new_tokens)
+        batches, micro, full = int(step.generation_batches), int(cfg.train.micro_batch_size), prompt + new
+        chunks = g * batches * int(step.ppo_epochs) / micro
+        return [
+            Pass("", "generate", g, prompt, new=new, times=batches, what="generation"),
+            Pass("", "forward", g, full, times=batches, what="experience: actor"),
+            Pass("reference", "forward", g, full, times=batches, what="experience: reference"),
+            Pass("critic", "forward", g, full, head="value", times=batches, what="experience: critic"),
+            Pass("reward", "forward", g, full, head="value", times=batches, what="experience: reward model"),
+            Pass("", "train", micro, full, times=chunks, what="actor training"),
+            Pass("critic", "train", micro, full, head="value", times=chunks, what="critic training"),
+        ]
+
     def engine_sources(self, cfg: DictConfig) -> dict[str, str | None]:
         step = cfg.step
         return {**super().engine_sources(cfg), "critic": step.critic_from, "reward": step.reward_from}

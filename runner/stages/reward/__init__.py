@@ -23,5 +23,12 @@ class Reward(Method):
     exports = {"export": "reward_model"}
     recipe = "runner.stages.reward.recipe:run"
 
+    def workload(self, cfg, world: int) -> list:
+        """A pair (chosen and rejected) per sample through a scalar head."""
+        from runner.driver.estimate import Pass
+
+        micro, gas = int(cfg.train.micro_batch_size), int(cfg.train.gradient_accumulation_steps)
+        return [Pass("", "train", 2 * micro, int(cfg.data.max_seq_len), head="value", times=gas, what="training")]
+
 
 METHOD = Reward()
