@@ -35,7 +35,8 @@ def test_activations_by_hand():
     assert layer_bytes(opt, 2, 8, 4) == 8 * 2 * 8 * 16 * 4 + 2 * 2 * 8 * 64 * 4
     gqa = Arch(hidden=16, layers=3, heads=4, kv_heads=1, ffn=64, vocab=100, gated=True, dropout=False)
     assert layer_bytes(gqa, 2, 8, 2) == int((6 + 0.5) * 2 * 8 * 16 * 2 + 4 * 2 * 8 * 64 * 2)
-    assert head_bytes(opt, 2, 8, 4, "lm", backward=True) == 2 * 8 * 100 * (4 + 0 + 4 + 8)
+    assert head_bytes(opt, 2, 8, 4, "lm", backward=True) == 2 * 8 * 100 * 12
+    assert head_bytes(opt, 2, 8, 2, "lm", backward=True) == 2 * 8 * 100 * 14
     assert head_bytes(opt, 2, 8, 2, "lm", backward=False) == 2 * 8 * 100 * (2 + 4 + 4)
     assert head_bytes(opt, 2, 8, 4, "value", backward=True) == 0
     train = pass_bytes(opt, Pass("", "train", 2, 8), 4, checkpointing=False)

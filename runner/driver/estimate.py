@@ -12,8 +12,10 @@ attention of PyTorch's SDPA kernels (no s x s scores kept; `eager` attention kee
   input: (6 + 2 kv/a) b s h w; the MLP: 2 b s f w (fc1 output, activation), 4 b s f w when gated (gate, up, act,
   product: Llama, Qwen); dropout masks b s (h + f) bytes when dropout is on.
 - gradient checkpointing keeps each layer's input (b s h w per layer) and one layer's full set while recomputing.
-- the head: logits b s V w, their fp32 copy and log-softmax (4 + 4 bytes each) and, in the backward pass, their
-  gradients (4 + w): the largest term for big vocabularies and long sequences.
+- the head: without gradients, logits b s V w, their fp32 copy (16-bit) and the log-softmax (4 bytes each); in the
+  backward pass of the loss, the log-softmax output, its gradient and the fp32 logits' (12 bytes; + w for the
+  16-bit logits' gradient); the training step's own logits are freed after the loss is taken. The largest term for
+  big vocabularies and long sequences.
 """
 
 from __future__ import annotations
@@ -83,7 +85,9 @@ def head_bytes(arch: Arch, b: int, s: int, w: int, head: str, backward: bool) ->
     if head != "lm":
         return 0
     bsv = b * s * arch.vocab
-    return bsv * (w + (0 if w == 4 else 4) + 4 + ((4 + w) if backward else 0))
+    if backward:  # the log-softmax output, its gradient and the logits' (fp32; and the 16-bit logits' gradient)
+        return bsv * (12 + (w if w == 2 else 0))
+    return bsv * (w + (0 if w == 4 else 4) + 4)  # the logits, their fp32 copy (16-bit), the log-softmax
 
 
 def pass_bytes(arch: Arch, p: Pass, w: int, checkpointing: bool) -> dict[str, int]:

@@ -61,7 +61,7 @@ def _memory(cfg: DictConfig, method, configs: dict, sizes: dict, gpus_per_node: 
     terms = {"runtime overhead": float(hw.overhead_gb) * GB}
     for name, e in states["engines"].items():
         terms[f"model states: {_engine(name, method)}"] = e["per_device_gb"] * GB
-    prefetch = _prefetch(configs, cfg, w)
+    prefetch = min(_prefetch(configs, cfg, w), w * sizes[""][0])  # (it never holds more than the whole model)
     if prefetch:
         terms["ZeRO-3 prefetch buffer"] = prefetch
     arches = _arches(cfg, method)
@@ -71,9 +71,11 @@ def _memory(cfg: DictConfig, method, configs: dict, sizes: dict, gpus_per_node: 
         got = pass_bytes(arch, p, w, _checkpointing(cfg, p.engine))
         if sum(got.values()) > sum(peak_terms.values()):
             peak_pass, peak_terms = p, got
-    for term, value in peak_terms.items():
-        if value:
-            terms[f"{term} ({peak_pass.what})"] = value
+    buffers = max((e["step_buffer_gb"] * GB for e in states["engines"].values()), default=0)
+    if buffers > sum(peak_terms.values()):  # the optimizer's step comes after the activations are freed
+        terms["optimizer step buffer (torch AdamW)"] = buffers
+    else:
+        terms.update({f"{term} ({peak_pass.what})": v for term, v in peak_terms.items() if v})
     peak = sum(terms.values()) / GB
     capacity = float(hw.device_memory_gb)
     headroom = 1 - peak / capacity

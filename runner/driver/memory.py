@@ -105,8 +105,8 @@ def trained_states(
     Mixed precision at ZeRO-2/3 with every parameter trained is DeepSpeed's own estimator. Otherwise the same
     accounting term by term: weights in the engine's dtype (partitioned at ZeRO-3), gradients in that dtype
     (partitioned from ZeRO-2), and the optimizer's fp32 partition: its moments plus, from ZeRO-1 or in mixed
-    precision, an fp32 master copy and fp32 gradients (partitioned from ZeRO-1). torch's AdamW (optimizer.impl=torch)
-    allocates one more fp32 buffer of its partition during its step."""
+    precision, an fp32 master copy and fp32 gradients (partitioned from ZeRO-1). (torch's AdamW allocates one more
+    fp32 buffer of its partition during its step, when the activations are gone: step_buffer.)"""
     zero = ds.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
     mixed = any(ds.get(k, {}).get("enabled") for k in ("bf16", "fp16"))
@@ -124,7 +124,7 @@ def trained_states(
     w = 2 if mixed else 4
     weights = w * params / (gpus if stage == 3 else 1) + (4 * largest if stage == 3 else 0)
     grads = w * trainable / (gpus if stage >= 2 else 1)
-    per_opt = k + (8 if (stage >= 1 or mixed) else 0) + (4 if torch_optimizer else 0)
+    per_opt = k + (8 if (stage >= 1 or mixed) else 0)
     optim = per_opt * trainable / (gpus if stage >= 1 else 1)
     cpu = 0.0
     if off_opt:
@@ -133,6 +133,13 @@ def trained_states(
         cpu, weights = cpu + w * params / nodes, 4 * largest
     how = "ZeRO paper accounting per term" + (f" ({trainable:,} LoRA parameters trained)" if trainable < params else "")
     return int(cpu), int(weights + grads + optim), how
+
+
+def step_buffer(ds: dict, trainable: int, gpus: int, torch_optimizer: bool) -> int:
+    """Bytes per device torch's foreach AdamW allocates during its step (one fp32 tensor per parameter of its
+    partition); DeepSpeed's fused and CPU optimizers allocate none."""
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    return int(4 * trainable / (gpus if stage >= 1 else 1)) if torch_optimizer else 0
 
 
 def run_memory(cfg: DictConfig, configs: dict, sizes: dict, gpus_per_node: int, nodes: int) -> dict:
@@ -150,11 +157,17 @@ def run_memory(cfg: DictConfig, configs: dict, sizes: dict, gpus_per_node: int, 
             trainable = min(n, lora_params(arch, r)) if r and arch and _lora_only(cfg) else n
             cpu, dev, how = trained_states(ds, n, trainable, big, gpus_per_node, nodes, torch_opt, opt_name)
             sources.add(how)
-            trained = True
+            trained, buffer = True, step_buffer(ds, trainable, gpus_per_node * nodes, torch_opt)
         else:
             cpu, dev = frozen_model_memory(n, big, ds, gpus_per_node, nodes)
-            trained = False
-        engines[name] = {"per_device_gb": dev / GB, "per_node_cpu_gb": cpu / GB, "num_params": n, "trained": trained}
+            trained, buffer = False, 0
+        engines[name] = {
+            "per_device_gb": dev / GB,
+            "per_node_cpu_gb": cpu / GB,
+            "num_params": n,
+            "trained": trained,
+            "step_buffer_gb": buffer / GB,
+        }
     return {
         "per_device_gb": sum(e["per_device_gb"] for e in engines.values()),
         "per_node_cpu_gb": sum(e["per_node_cpu_gb"] for e in engines.values()),

@@ -218,6 +218,7 @@ def _launch(job: Launch, overrides: list[str]) -> float | None:
     rundir.write_status(run_dir, "running", overrides, resumed_from=(job.resume or {}).get("tag"))
     print(f"run directory: {run_dir}")
     print(f"DeepSpeed config: {run_dir / 'ds_config.json'}")
+    print(f"{show.verdict_lines(job.fit)[0]}; plan: {run_dir / 'plan.md'}")
     print(f"launch: {' '.join(job.cmd)}")
     for note in job.plan.notes + job.notes:
         print(f"note: {note}")
