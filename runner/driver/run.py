@@ -161,6 +161,8 @@ def run_one(cfg: DictConfig, overrides: list[str] | None = None, own_dir: bool =
     else:
         own_dir = True
     keys.check_added(cfg, overrides)
+    if cfg.get("autotune"):
+        return _autotune(cfg, overrides)
     raw = bool(cfg.get("ds")) or any(key_of(o).startswith("zero.") for o in overrides)
     try:
         job = prepare(cfg, scrub=_scrub_sweep_file, raw_ds_keys=raw)
@@ -205,6 +207,35 @@ def run_one(cfg: DictConfig, overrides: list[str] | None = None, own_dir: bool =
         rundir.release(run_dir)
         if _hydra_dir is not None and _hydra_dir.resolve() != run_dir:
             discard_empty_run_dir()  # Hydra's own job dir, when run_dir= or resume= points elsewhere
+
+
+def _autotune(cfg: DictConfig, overrides: list[str]) -> float | None:
+    """`autotune=true`: plan every candidate, run a short trial of each that fits, write the report and the winning
+    recipe (runner.driver.autotune)."""
+    from hydra import compose
+
+    from runner.driver import autotune
+
+    autotune.check(cfg)
+    base = autotune.base_overrides(overrides)
+    planning_dir = Path(os.path.expanduser(str(cfg.tune.dir))).resolve() / "plans"
+
+    def plan_of(candidate: list[str]):
+        try:
+            composed = compose(config_name="config", overrides=candidate + ["dry_run=true", f"run_dir={planning_dir}"])
+            return prepare(composed).fit
+        except ConfigError as err:
+            return err.render()
+
+    trial = None if cfg.dry_run else autotune.subprocess_trial(os.getcwd())
+    result = autotune.search(cfg, base, plan_of, trial)
+    report, command = autotune.write(result, base, cfg)
+    discard_empty_run_dir()
+    print(report.read_text().rstrip())
+    if command:
+        print(f"\nthe fastest configuration: {command}")
+        return result["best"]["tokens_per_s"]
+    return None
 
 
 def _launch(job: Launch, overrides: list[str]) -> float | None:
