@@ -45,6 +45,30 @@ class Launch:
     fit: dict | None = None  # runner.driver.fit.assess: peak per device, verdict, suggestion, time estimate
 
 
+def memory_fit(p: planning.Plan, sizes: dict) -> tuple[dict, dict]:
+    """The plan's verdict (runner.driver.fit) from the model's size and the other engines' (`sizes`: name ->
+    (parameters, largest layer) or None when unknown); no data is read. Returns it and the completed sizes."""
+    from runner import modeling
+
+    arch_params = modeling.count_params(p.cfg.model)
+    largest = p.cfg.model.get("largest_layer_params") or modeling.largest_layer(p.cfg.model)
+    sizes = {"": (arch_params, largest), **{k: v for k, v in sizes.items() if v}}
+    configs = p.method.engine_configs(p.cfg, p.world_size, 1, "/nonexistent")
+    return fit.assess(p.cfg, p.method, configs, sizes, max(p.nodes.values()), len(p.nodes)), sizes
+
+
+def plan_fit(cfg) -> dict:
+    """A composed config's plan and verdict, without reading any data (the autotuner's candidates)."""
+    from runner import modeling
+
+    p = planning.make_plan(cfg)
+    sizes = {name: modeling.weights_numel(src) if src else None for name, src in p.method.engine_sources(p.cfg).items()}
+    steps = p.cfg.train.max_steps
+    got, sizes = memory_fit(p, sizes)
+    got["time"] = fit.time_estimate(p.cfg, p.method, sizes, p.world_size, int(steps) if steps else None)
+    return got
+
+
 def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False) -> Launch:
     """The run, planned and checked; `scrub(secrets)` takes secrets out of what Hydra wrote; `raw_ds_keys`: the
     config adds raw DeepSpeed keys, so DeepSpeed's own parser checks every JSON."""
@@ -75,14 +99,10 @@ def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False) -> Launch
         method.check_sources(p.cfg)
     sizes = {name: modeling.weights_numel(src) if src else None for name, src in method.engine_sources(p.cfg).items()}
     # does it fit? (before the data is prepared: a run that cannot fit writes nothing)
-    arch_params = modeling.count_params(p.cfg.model)
-    largest = p.cfg.model.get("largest_layer_params") or modeling.largest_layer(p.cfg.model)
-    sizes = {"": (arch_params, largest), **{k: v for k, v in sizes.items() if v}}
-    gpus_per_node, nodes = max(p.nodes.values()), len(p.nodes)
-    check_configs = method.engine_configs(p.cfg, p.world_size, 1, str(run_dir))
-    fit_ = fit.assess(p.cfg, method, check_configs, sizes, gpus_per_node, nodes)
+    fit_, sizes = memory_fit(p, sizes)
     if fit_["verdict"] == "does not fit" and not p.cfg.dry_run and p.cfg.plan.on_unfit != "launch":
         raise ConfigError("plan", *fit.refusal(fit_))
+    gpus_per_node, nodes = max(p.nodes.values()), len(p.nodes)
     notes: list[str] = []
     prepared, extra, loaded = None, None, {}
 
@@ -133,7 +153,7 @@ def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False) -> Launch
             "steps_per_epoch": steps_per_epoch,
             "cwd": os.getcwd(),
             "run_dir": str(run_dir),
-            "num_params": arch_params,
+            "num_params": sizes[""][0],
             "data": prepared.as_dict() if prepared else None,
             **(extra or {}),
             "notes": p.notes + notes,

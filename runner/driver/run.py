@@ -34,7 +34,7 @@ from runner.driver import (
     slurm,
     supervise,
 )
-from runner.driver.job import Finished, Launch, move, prepare
+from runner.driver.job import Finished, Launch, move, plan_fit, prepare
 from runner.errors import ConfigError
 from runner.overrides import key as key_of, merge, redact
 
@@ -223,7 +223,7 @@ def _autotune(cfg: DictConfig, overrides: list[str]) -> float | None:
     def plan_of(candidate: list[str]):
         try:
             composed = compose(config_name="config", overrides=candidate + ["dry_run=true", f"run_dir={planning_dir}"])
-            return prepare(composed).fit
+            return plan_fit(composed)
         except ConfigError as err:
             return err.render()
 
