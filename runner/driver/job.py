@@ -42,11 +42,13 @@ class Launch:
     memory: dict
     notes: list[str]
     resume: dict | None = None
+    worker: str | None = None  # a script the ranks run instead of runner.worker (runner.api)
 
 
-def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False) -> Launch:
+def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False, worker: str | None = None) -> Launch:
     """The run, planned and checked; `scrub(secrets)` takes secrets out of what Hydra wrote; `raw_ds_keys`: the
-    config adds raw DeepSpeed keys, so DeepSpeed's own parser checks every JSON."""
+    config adds raw DeepSpeed keys, so DeepSpeed's own parser checks every JSON; `worker`: a Python file the ranks
+    run instead of runner.worker."""
     p = planning.make_plan(cfg)
     method = p.method
     run_dir = Path(os.path.expanduser(str(p.cfg.run_dir))).resolve()
@@ -167,9 +169,8 @@ def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False) -> Launch
     # (the other engines' sizes were read before the data, so that a bad weights file writes nothing)
     sizes = {"": (arch_params, largest), **sizes}
     memory = run_memory(p.cfg, configs, sizes, max(p.nodes.values()), len(p.nodes))
-    return Launch(
-        p, run_dir, configs, launch.launcher_command(p.deployment, str(run_dir)), env, secret_env, memory, notes, resume
-    )
+    cmd = launch.launcher_command(p.deployment, str(run_dir), worker)
+    return Launch(p, run_dir, configs, cmd, env, secret_env, memory, notes, resume, worker)
 
 
 def move(job: Launch, run_dir: Path) -> None:
@@ -180,6 +181,6 @@ def move(job: Launch, run_dir: Path) -> None:
     job.configs = job.plan.method.engine_configs(
         job.plan.cfg, job.plan.world_size, int(job.plan.cfg.runtime.total_steps), str(run_dir)
     )
-    job.cmd = launch.launcher_command(job.plan.deployment, str(run_dir))
+    job.cmd = launch.launcher_command(job.plan.deployment, str(run_dir), job.worker)
     if "DS_ENV_FILE" in job.env:
         job.env["DS_ENV_FILE"] = str(run_dir / "deepspeed_env")
