@@ -19,6 +19,8 @@ from runner.driver import run as driver
 from runner.errors import ConfigError
 
 _task_started = False
+# Absolute: Hydra reads a relative config_path as a Python package ("conf") when the app starts from the installed
+# `runner` script, which then finds no config (and shell completion composes nothing).
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -61,7 +63,7 @@ def _rewrite(held: str, args: list[str]) -> str:
     return held
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     global _task_started
     if not _task_started and isinstance(sys.stderr, _HeldStderr):
@@ -111,11 +113,20 @@ def _check_slurm_here(args: list[str]) -> None:
         sys.exit(2)
 
 
+def _completion_for_the_command(argv: list[str]) -> None:
+    """`python -m runner -sc install=bash` installs completion for the `runner` command: Hydra's bash script completes
+    `python FILE.py` or an installed command, not `python -m MODULE`, and would otherwise take over `python`'s own
+    completion."""
+    if argv[0].endswith("__main__.py") and any(a in ("-sc", "--shell-completion") for a in argv[1:]):
+        argv[0] = "runner"
+
+
 def cli() -> None:
     if sys.argv[1:2] and sys.argv[1] in ("ls", "show", "compare"):  # run management (runner/runs.py)
         from runner import runs
 
         sys.exit(runs.main(sys.argv[1:]))
+    _completion_for_the_command(sys.argv)
     _check_override_syntax(sys.argv[1:])
     _check_slurm_here(sys.argv[1:])
     held = sys.stderr = _HeldStderr(sys.stderr)

@@ -2,6 +2,10 @@
 
     python -m runner.chat outputs/sft/<run>/export [--temperature 0.7] [--top_p 0.9] [--max_new_tokens 128]
                                                    [--device auto|cpu|cuda] [--dtype auto|fp32|fp16|bf16]
+                                                   [--reward outputs/reward/<run>/export]
+
+Answers appear word by word as they are generated. With --reward, a reward model (a step=reward run's export) scores
+each answer, and the score is printed beside it: `Assistant: ...  [reward +0.412]`.
 
 Every turn is shown to the model through --template (by default "\\n\\nHuman: {prompt}\\n\\nAssistant:", the
 Dahoas/rm-static format the runner trains on); all turns are concatenated, earlier answers included, and the oldest
@@ -17,18 +21,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import sys
 from pathlib import Path
 
+from runner.chat_models import (  # noqa: F401  (check_dir, pick_device_dtype: the command line's checks)
+    ChatError,
+    check_dir,
+    check_reward_dir,
+    load,
+    make_generate,
+    make_score,
+    pick_device_dtype,
+)
+
 TEMPLATE = "\n\nHuman: {prompt}\n\nAssistant:"
 NEW_TURN = "\n\nHuman:"  # where an answer ends if the model goes on to write the next question itself
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
-CHAT_INSTEAD = "pass a causal LM directory, e.g. the `export` directory of an SFT or PPO run"
-
-
-class ChatError(Exception):
-    """Bad input the user can fix: printed as one `error:` line, exit code 2."""
 
 
 class TooLong(ValueError):
@@ -77,8 +84,43 @@ class Conversation:
         self.turns[-1] = (self.turns[-1][0], text)
 
 
-def chat(conv: Conversation, generate, read, out=sys.stdout, err=sys.stderr, stops=(NEW_TURN,)) -> None:
-    """The loop: read a line (read(prompt) raises EOFError at the end), run a command or answer it."""
+def visible(text: str, stops: tuple[str, ...], final: bool) -> str:
+    """What of a partial answer can be shown: the text before the first turn marker the model wrote, without a tail
+    that may still grow into one (until the answer is complete); stripped as clean_answer strips it."""
+    hits = [text.find(stop) for stop in stops if stop in text]
+    if hits:
+        text, final = text[: min(hits)], True
+    elif not final:  # hold back e.g. "\n\nHu", the start of "\n\nHuman:"
+        hold = max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+        text = text[: len(text) - hold]
+    return text.strip() if final else text.lstrip()
+
+
+class AnswerPrinter:
+    """Prints an answer while it is generated (`show(text)` per decoded piece): never a turn marker the model starts
+    to write, and at the end whatever the stream did not show."""
+
+    def __init__(self, stops: tuple[str, ...], out):
+        self.stops, self.out, self.text, self.shown = stops, out, "", 0
+
+    def show(self, piece: str) -> None:
+        self.text += piece
+        self._print(visible(self.text, self.stops, final=False))
+
+    def finish(self, text: str) -> None:
+        self.text = text  # the whole continuation, decoded at once
+        self._print(visible(text, self.stops, final=True))
+
+    def _print(self, part: str) -> None:
+        if len(part) > self.shown:
+            print(part[self.shown :], end="", file=self.out, flush=True)
+            self.shown = len(part)
+
+
+def chat(conv: Conversation, generate, read, out=sys.stdout, err=sys.stderr, stops=(NEW_TURN,), score=None) -> None:
+    """The loop: read a line (read(prompt) raises EOFError at the end), run a command or answer it. `generate(ids,
+    show)` returns the continuation and passes its text to `show` as it is generated; `score(prompt text, answer
+    text)`, when given, is the reward model's score, printed beside the answer."""
     while True:
         try:
             text = read("Human: ").strip()
@@ -99,9 +141,17 @@ def chat(conv: Conversation, generate, read, out=sys.stdout, err=sys.stderr, sto
             continue
         if dropped:
             print(f"(dropped the {dropped} oldest turn(s) to stay within {conv.max_tokens} tokens)", file=err)
-        answer = clean_answer(generate(ids), stops)
+        print("Assistant: ", end="", file=out, flush=True)
+        printer = AnswerPrinter(stops, out)
+        raw = generate(ids, printer.show)
+        printer.finish(raw)
+        answer = clean_answer(raw, stops)
         conv.answer(answer)
-        print(f"Assistant: {answer}", file=out, flush=True)
+        if score is not None:
+            prompt = build_prompt(conv.turns[:-1] + [(text, None)], conv.template)
+            reward = score(prompt, build_prompt(conv.turns, conv.template)[len(prompt) :])
+            print(f"  [reward {reward:+.3f}]", end="", file=out)
+        print(file=out, flush=True)
 
 
 def piped_reader(stream=sys.stdin, out=sys.stdout):
@@ -117,99 +167,6 @@ def piped_reader(stream=sys.stdin, out=sys.stdout):
     return read
 
 
-# ------------------------------------------------------------------- the model
-def check_dir(path: Path) -> str:
-    """What the directory holds, or ChatError if it is no chat model; no torch needed."""
-    if not path.exists():
-        raise ChatError(f"{path}: no such directory; {CHAT_INSTEAD}")
-    if not (path / "config.json").is_file():
-        raise ChatError(f"{path}: not a Hugging Face model directory (no config.json); {CHAT_INSTEAD}")
-    try:
-        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
-        info = json.loads((path / "runner_export.json").read_text()) if (path / "runner_export.json").is_file() else {}
-        kind = info.get("kind")
-    except (ValueError, AttributeError) as exc:
-        raise ChatError(f"{path}: unreadable config.json or runner_export.json ({exc})") from None
-    if kind in ("reward_model", "critic") or any(a.endswith("ForSequenceClassification") for a in archs):
-        what = f"a {str(kind).replace('_', ' ')} export" if kind else f"a sequence classifier ({', '.join(archs)})"
-        raise ChatError(f"{path} holds {what}, which scores text and cannot chat; {CHAT_INSTEAD} instead")
-    if archs and not any(a.endswith("ForCausalLM") for a in archs):
-        raise ChatError(f"{path} holds {', '.join(archs)}, not a causal LM (...ForCausalLM); {CHAT_INSTEAD}")
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise ChatError(
-            f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...); save the "
-            "training tokenizer into it (tokenizer.save_pretrained) or pass the run's `export` directory"
-        )
-    return f"{kind or 'model'}, {', '.join(archs) or 'unknown architecture'}"
-
-
-def pick_device_dtype(device: str, dtype: str) -> tuple[str, str]:
-    import torch
-
-    has_cuda = torch.cuda.is_available()
-    if device == "auto":
-        device = "cuda" if has_cuda else "cpu"
-    if device == "cuda" and not has_cuda:
-        raise ChatError("--device cuda: torch sees no CUDA GPU here; use --device cpu (or auto)")
-    bf16_ok = device == "cuda" and torch.cuda.is_bf16_supported()
-    if dtype == "auto":
-        dtype = ("bf16" if bf16_ok else "fp16") if device == "cuda" else "fp32"
-    if dtype == "fp16" and device == "cpu":
-        raise ChatError("--dtype fp16 is not supported on CPU; use --dtype fp32 (or bf16), or --device cuda")
-    if dtype == "bf16" and device == "cuda" and not bf16_ok:
-        raise ChatError("--dtype bf16: this GPU does not support bfloat16; use --dtype fp16 or fp32")
-    return device, dtype
-
-
-def load(path: Path, device: str, dtype: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()  # no "Loading weights" bar before the banner
-
-    def first_line(exc: Exception) -> str:
-        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as exc:
-        raise ChatError(f"{path}: cannot load the tokenizer: {first_line(exc)}") from None
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True).to(device)
-    except Exception as exc:
-        raise ChatError(f"{path}: cannot load the model: {first_line(exc)}") from None
-    return tok, model.eval()
-
-
-def make_generate(model, tok, args, stops: tuple[str, ...]):
-    """generate(prompt ids) -> the decoded continuation (special tokens skipped)."""
-    import torch
-
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    kwargs = dict(
-        max_new_tokens=args.max_new_tokens,
-        repetition_penalty=args.repetition_penalty,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=pad,
-        stop_strings=list(stops),
-        tokenizer=tok,
-    )
-    if args.temperature > 0:
-        kwargs.update(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    else:  # greedy; the model's own generation_config may ask for sampling
-        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-
-    def generate(ids: list[int]) -> str:
-        input_ids = torch.tensor([ids], device=model.device)
-        with torch.inference_mode():
-            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-        return tok.decode(out[0, len(ids) :], skip_special_tokens=True)
-
-    return generate
-
-
 # ------------------------------------------------------------------- command line
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m runner.chat", description=__doc__.split("\n\n")[0])
@@ -223,6 +180,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--template", default=TEMPLATE, help="one turn; must contain {prompt}")
+    p.add_argument("--reward", metavar="EXPORT", help="a reward model (a step=reward run's export): score each answer")
     p.add_argument(
         "--max_history_tokens",
         type=int,
@@ -233,7 +191,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def setup(args: argparse.Namespace):
-    """Check everything, load the model; (conversation, generate, stops, banner) or ChatError."""
+    """Check everything, load the models; (conversation, generate, stops, banner, score or None) or ChatError."""
     path = Path(args.export_dir).expanduser()
     try:
         ok = "{prompt}" in args.template and args.template.format(prompt="") is not None
@@ -253,8 +211,11 @@ def setup(args: argparse.Namespace):
         if bad:
             raise ChatError(f"--{name} {getattr(args, name)} is out of range")
     what = check_dir(path)
+    reward_path = Path(args.reward).expanduser() if args.reward else None
+    judged = check_reward_dir(reward_path) if reward_path else None
     device, dtype = pick_device_dtype(args.device, args.dtype)
     tok, model = load(path, device, dtype)
+    score = make_score(*reversed(load(reward_path, device, dtype, reward=True))) if reward_path else None
     positions = getattr(model.config, "max_position_embeddings", None)  # None: no limit known
     room = positions - args.max_new_tokens if positions else None
     limit = args.max_history_tokens if args.max_history_tokens is not None else room
@@ -275,15 +236,17 @@ def setup(args: argparse.Namespace):
     mode = "greedy" if args.temperature == 0 else f"T={args.temperature} top_k={args.top_k} top_p={args.top_p}"
     banner = (
         f"runner.chat: {path} ({what}) on {device}, {dtype}; {mode}, up to {args.max_new_tokens} new tokens, "
-        f"history up to {limit} tokens\ncommands: clear (forget the conversation), quit / exit / Ctrl-D"
+        f"history up to {limit} tokens"
+        + (f"\nreward: {reward_path} ({judged}) scores each answer" if judged else "")
+        + "\ncommands: clear (forget the conversation), quit / exit / Ctrl-D"
     )
-    return conv, make_generate(model, tok, args, stops), stops, banner
+    return conv, make_generate(model, tok, args, stops), stops, banner, score
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        conv, generate, stops, banner = setup(args)
+        conv, generate, stops, banner, score = setup(args)
         print(banner, flush=True)
         if sys.stdin.isatty():
             with contextlib.suppress(ImportError):
@@ -291,7 +254,7 @@ def main(argv=None) -> int:
             read = input
         else:
             read = piped_reader()
-        chat(conv, generate, read, stops=stops)
+        chat(conv, generate, read, stops=stops, score=score)
     except ChatError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

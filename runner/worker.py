@@ -16,6 +16,17 @@ def main(argv: list[str]) -> int:
         print("usage: python -m runner.worker RUN_DIR", file=sys.stderr)
         return 2
     run_dir = Path(argv[0]).resolve()
+    cfg, dist = join(run_dir)
+    from runner import stages
+
+    module, _, function = stages.get(cfg.step.name).recipe.partition(":")
+    getattr(importlib.import_module(module), function)(cfg, run_dir, dist)
+    leave()
+
+
+def join(run_dir: Path):
+    """This rank joins the run: its config (the run directory's config.yaml), the process group (of the size that
+    was planned), its record (runner.train.lifecycle) and the loggers' environment; (cfg, dist)."""
     cfg = OmegaConf.load(run_dir / "config.yaml")
     from runner.train.engine import init_distributed
 
@@ -26,15 +37,17 @@ def main(argv: list[str]) -> int:
             f"launch it with {run_dir / 'launch.sh'}",
             file=sys.stderr,
         )
-        return 2
-    from runner import stages
+        sys.exit(2)
     from runner.train import lifecycle
     from runner.train.metrics import configure_wandb_env
 
     lifecycle.start(run_dir, dist)
     configure_wandb_env(cfg, run_dir)  # before any engine exists: DeepSpeed's monitor calls wandb.init
-    module, _, function = stages.get(cfg.step.name).recipe.partition(":")
-    getattr(importlib.import_module(module), function)(cfg, run_dir, dist)
+    return cfg, dist
+
+
+def leave() -> None:
+    """The rank's work is done: wait for the others, leave the process group and exit (status 0)."""
     # Only on success: a rank that raised must exit (the launcher then stops the others), not wait in a barrier
     # while the other ranks wait in a collective of the training step.
     import deepspeed.comm as dist_comm

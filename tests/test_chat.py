@@ -14,17 +14,20 @@ import pytest
 
 from runner import ASSETS, REPO_ROOT
 from runner.chat import (
+    NEW_TURN,
     TEMPLATE,
     ChatError,
     Conversation,
     build_prompt,
     chat,
     check_dir,
+    check_reward_dir,
     clean_answer,
     parse_args,
     pick_device_dtype,
     piped_reader,
     setup,
+    visible,
 )
 
 ARCH = dict(
@@ -80,7 +83,7 @@ def run_loop(
     conv, prompts, out, err = Conversation(TEMPLATE, encode, max_tokens), [], io.StringIO(), io.StringIO()
     answers = iter(answers or [f"answer {i}" for i in range(1, 100)])
 
-    def generate(ids):
+    def generate(ids, show):
         prompts.append(decode(ids))
         return next(answers)
 
@@ -122,6 +125,86 @@ def test_history_is_carried_and_clear_forgets_it():
 def test_eof_ends_the_loop():
     conv, prompts, _ = run_loop(["Hi"])
     assert conv.turns == [("Hi", "answer 1")] and len(prompts) == 1
+
+
+def test_visible_never_shows_a_turn_marker_or_its_start():
+    assert visible(" Paris.\n\nHu", (NEW_TURN,), final=False) == "Paris."  # may become "\n\nHuman:": held back
+    assert visible(" Paris.\n\nHe", (NEW_TURN,), final=False) == "Paris.\n\nHe"  # cannot: shown
+    assert visible(" Paris.\n\nHuman: and", (NEW_TURN,), final=False) == "Paris."  # nothing from the marker on
+    assert visible(" Paris.\n", (NEW_TURN,), final=True) == "Paris."
+
+
+def test_answers_are_shown_while_they_are_generated():
+    """The stream reaches the output before generation ends; a turn marker the model writes never does; the printed
+    answer is the one kept in the conversation."""
+    out, seen_midway = io.StringIO(), []
+    pieces = [" Hel", "lo ", "there!", "\n\nHu", "man: fake", " turn"]
+
+    def generate(ids, show):
+        for i, piece in enumerate(pieces):
+            show(piece)
+            if i == 2:
+                seen_midway.append(out.getvalue())
+        return "".join(pieces)
+
+    conv = Conversation(TEMPLATE, lambda s: list(s.encode()), None)
+    chat(conv, generate, piped_reader(io.StringIO("Hi\n"), io.StringIO()), out=out, err=io.StringIO())
+    assert seen_midway == ["Assistant: Hello there!"]
+    assert out.getvalue() == "Assistant: Hello there!\n" and conv.turns == [("Hi", "Hello there!")]
+
+
+def test_reward_scores_are_printed_beside_answers(exports):
+    """--reward with the tiny reward export: the streamed answers of the real model, each with the score the runner's
+    own reward stage gives that prompt and answer (its tokenisation of a pair, its scalar head at the last token)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from runner.data.kinds import pairs
+    from runner.train.models import ScalarHeadModel, last_token_scores
+
+    args = [str(exports["lm"]), "--device", "cpu", "--temperature", "0", "--max_new_tokens", "12"]
+    conv, generate, stops, banner, score = setup(parse_args(args + ["--reward", str(exports["rm"])]))
+    assert f"reward: {exports['rm']} (reward_model, OPTForSequenceClassification)" in banner
+    shown = []
+    out = io.StringIO()
+    streamed = lambda ids, show: generate(ids, lambda piece: (shown.append(piece), show(piece)))
+    read = piped_reader(io.StringIO("Hello there\nWhat is two plus two?\n"), io.StringIO())
+    chat(conv, streamed, read, out=out, err=io.StringIO(), stops=stops, score=score)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and len(shown) > 2, (lines, shown)
+
+    tok = AutoTokenizer.from_pretrained(exports["rm"])
+    rm = ScalarHeadModel(AutoModelForSequenceClassification.from_pretrained(exports["rm"])).eval()
+    for i, line in enumerate(lines):
+        human, answer = conv.turns[i]
+        assert line == f"Assistant: {answer}  [reward {float(line.rsplit('[reward ', 1)[1][:-1]):+.3f}]", line
+        prompt = build_prompt(conv.turns[:i] + [(human, None)])
+        row = pairs(
+            {"prompt": [prompt], "chosen": [" " + answer], "rejected": [""], "extra": ["{}"]}, tok, 10**6, "truncate"
+        )
+        ids = torch.tensor(row["chosen_ids"])
+        with torch.no_grad():
+            expected = float(last_token_scores(rm(ids, torch.ones_like(ids)), torch.ones_like(ids))[0])
+        assert line.endswith(f"[reward {expected:+.3f}]"), (line, expected)
+    assert len({line.rsplit("[", 1)[1] for line in lines}) == 2  # two answers, two scores
+
+
+def test_reward_directories_that_are_no_reward_model(exports, tmp_path):
+    assert "OPTForSequenceClassification" in check_reward_dir(exports["rm"])
+    with pytest.raises(ChatError, match="--reward .* not a reward model .*step=reward"):
+        check_reward_dir(exports["lm"])
+    critic = shutil.copytree(exports["rm"], tmp_path / "critic")
+    (critic / "runner_export.json").write_text(json.dumps({"kind": "critic"}))
+    with pytest.raises(ChatError, match="critic export .* values, not rewards"):
+        check_reward_dir(critic)
+    with pytest.raises(ChatError, match="--reward .*: no such directory"):
+        check_reward_dir(tmp_path / "nope")
+
+
+def test_a_causal_lm_as_reward_is_refused_on_the_command_line(exports):
+    result = run_chat(exports["lm"], "--reward", exports["lm"], stdin="Hello\n")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("error: --reward ") and result.stderr.strip().count("\n") == 0, result.stderr
 
 
 def test_history_drops_oldest_turns_at_turn_boundaries():
@@ -205,7 +288,7 @@ def test_foreign_causal_lm_without_runner_export_is_accepted(exports, tmp_path):
 
 def test_max_history_tokens_with_the_real_model(exports):
     """setup() as the command line runs it, in-process: the flag reaches the conversation, which drops old turns."""
-    conv, generate, stops, banner = setup(
+    conv, generate, stops, banner, score = setup(
         parse_args(
             [
                 str(exports["lm"]),
@@ -220,7 +303,7 @@ def test_max_history_tokens_with_the_real_model(exports):
             ]
         )
     )
-    assert conv.max_tokens == 30 and "cpu, fp32; greedy" in banner
+    assert conv.max_tokens == 30 and "cpu, fp32; greedy" in banner and score is None
     out, err = io.StringIO(), io.StringIO()
     chat(
         conv,

@@ -42,6 +42,7 @@ class Launch:
     memory: dict
     notes: list[str]
     resume: dict | None = None
+    worker: str | None = None  # a script the ranks run instead of runner.worker (runner.api)
     fit: dict | None = None  # runner.driver.fit.assess: peak per device, verdict, suggestion, time estimate
 
 
@@ -69,9 +70,10 @@ def plan_fit(cfg) -> dict:
     return got
 
 
-def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False) -> Launch:
+def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False, worker: str | None = None) -> Launch:
     """The run, planned and checked; `scrub(secrets)` takes secrets out of what Hydra wrote; `raw_ds_keys`: the
-    config adds raw DeepSpeed keys, so DeepSpeed's own parser checks every JSON."""
+    config adds raw DeepSpeed keys, so DeepSpeed's own parser checks every JSON; `worker`: a Python file the ranks
+    run instead of runner.worker."""
     p = planning.make_plan(cfg)
     method = p.method
     run_dir = Path(os.path.expanduser(str(p.cfg.run_dir))).resolve()
@@ -194,8 +196,8 @@ def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False) -> Launch
         env["DS_ENV_FILE"] = str(run_dir / "deepspeed_env")
     memory = run_memory(p.cfg, configs, sizes, gpus_per_node, nodes)
     fit_["time"] = fit.time_estimate(p.cfg, method, sizes, p.world_size, total)
-    cmd = launch.launcher_command(p.deployment, str(run_dir))
-    return Launch(p, run_dir, configs, cmd, env, secret_env, memory, notes, resume, fit_)
+    cmd = launch.launcher_command(p.deployment, str(run_dir), worker)
+    return Launch(p, run_dir, configs, cmd, env, secret_env, memory, notes, resume, worker, fit_)
 
 
 def move(job: Launch, run_dir: Path) -> None:
@@ -206,6 +208,6 @@ def move(job: Launch, run_dir: Path) -> None:
     job.configs = job.plan.method.engine_configs(
         job.plan.cfg, job.plan.world_size, int(job.plan.cfg.runtime.total_steps), str(run_dir)
     )
-    job.cmd = launch.launcher_command(job.plan.deployment, str(run_dir))
+    job.cmd = launch.launcher_command(job.plan.deployment, str(run_dir), job.worker)
     if "DS_ENV_FILE" in job.env:
         job.env["DS_ENV_FILE"] = str(run_dir / "deepspeed_env")

@@ -66,6 +66,10 @@ def check_added(cfg: DictConfig, overrides: list[str]) -> None:
 
 def unknown_key_message(key: str, config_dir: str, group_overrides: list[str]) -> str:
     """The runner's message for a key Hydra refused to override: the closest key of the composed config."""
+    return unknown_key_error(key, config_dir, group_overrides).render()
+
+
+def unknown_key_error(key: str, config_dir: str, group_overrides: list[str]) -> ConfigError:
     import hydra
 
     try:
@@ -75,7 +79,7 @@ def unknown_key_message(key: str, config_dir: str, group_overrides: list[str]) -
     except Exception:
         near = None
     fix = f"did you mean {near}?" if near else "check the key's spelling (python -m runner --cfg job lists every key)"
-    return ConfigError(key, "is not a key of this configuration", fix).render()
+    return ConfigError(key, "is not a key of this configuration", fix)
 
 
 def is_group_choice(override: str) -> bool:

@@ -94,9 +94,10 @@ def worker_env(deployment: DictConfig) -> dict[str, str]:
     return env
 
 
-def launcher_command(deployment: DictConfig, run_dir: str) -> list[str]:
-    """The exact command line that starts the ranks, as a user would type it."""
-    worker = ["--module", WORKER, run_dir]
+def launcher_command(deployment: DictConfig, run_dir: str, script: str | None = None) -> list[str]:
+    """The exact command line that starts the ranks, as a user would type it; `script`: a Python file the ranks run
+    (with the run directory as its argument) instead of runner.worker (runner.api)."""
+    worker = [script, run_dir] if script else ["--module", WORKER, run_dir]
     if deployment.launcher == "torchrun":
         cmd = ["torchrun"]
         if int(deployment.nnodes) == 1 and not deployment.rdzv_endpoint:
@@ -112,7 +113,8 @@ def launcher_command(deployment: DictConfig, run_dir: str) -> list[str]:
                 "--rdzv_id",
                 str(deployment.rdzv_id),
             ]
-        return cmd + ["--nproc_per_node", str(deployment.nproc_per_node), "-m", WORKER, run_dir]
+        module = [script] if script else ["-m", WORKER]
+        return cmd + ["--nproc_per_node", str(deployment.nproc_per_node), *module, run_dir]
 
     cmd = ["deepspeed"]
     if deployment.name == "multi_node":

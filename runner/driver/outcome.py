@@ -16,7 +16,11 @@ PREEMPTED = 75  # EX_TEMPFAIL: stopped with a checkpoint on request; run it agai
 
 
 class Ended(SystemExit):
-    """A run that did not complete: its exit code, after its status was recorded."""
+    """A run that did not complete: its exit code, after its status was recorded (in `run_dir`)."""
+
+    def __init__(self, code: int, run_dir: Path | None = None):
+        super().__init__(code)
+        self.run_dir = run_dir
 
 
 def record(run_dir: Path, overrides: list[str], outcome: supervise.Outcome, wall: float, multirun: bool) -> dict:
@@ -28,7 +32,7 @@ def record(run_dir: Path, overrides: list[str], outcome: supervise.Outcome, wall
         reason = outcome.stop_requested or "a rank was signalled"
         status(run_dir, "preempted", overrides, step=step, reason=reason, wall_time_s=wall)
         print(f"stopped at step {step} with a checkpoint ({reason}); continue with `{resume_cmd}`", file=sys.stderr)
-        raise Ended(PREEMPTED)
+        raise Ended(PREEMPTED, run_dir)
     if outcome.rc != 0:
         state, disk = ("aborted" if outcome.aborted else "failed"), disk_note(run_dir)
         status(run_dir, state, overrides, reason=f"exit code {outcome.rc}: {outcome.reason}{disk}", wall_time_s=wall)
@@ -39,7 +43,7 @@ def record(run_dir: Path, overrides: list[str], outcome: supervise.Outcome, wall
         )
         if multirun and not outcome.aborted:
             return {}  # recorded; the sweep goes on
-        raise Ended(130 if outcome.aborted else outcome.rc)
+        raise Ended(130 if outcome.aborted else outcome.rc, run_dir)
     path = run_dir / "summary.json"
     summary = json.loads(path.read_text()) if path.exists() else {}
     status(run_dir, "completed" if summary else "stopped", overrides, wall_time_s=wall)

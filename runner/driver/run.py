@@ -52,7 +52,7 @@ def _task_overrides() -> list[str]:
 def is_multirun() -> bool:
     from hydra.types import RunMode
 
-    return HydraConfig.get().mode == RunMode.MULTIRUN
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN  # (runner.api: no Hydra job)
 
 
 def _scrub_sweep_file(secret_values: list[str]) -> None:
@@ -148,24 +148,45 @@ def run_one(cfg: DictConfig, overrides: list[str] | None = None, own_dir: bool =
     """One run (or, for step=rlhf, a pipeline of runs). `overrides` are given by the pipeline for its stages (their
     config is composed from them already); otherwise they are the command line's. `own_dir`: the run directory is
     this run's own from an earlier attempt (a sweep point, a requeued job, a pipeline stage)."""
-    explicit = True
-    if overrides is None:
-        overrides = _task_overrides()
-        explicit = any(key_of(o) == "run_dir" for o in overrides)
-        if cfg.resume and Path(os.path.expanduser(str(cfg.resume))).resolve() != _hydra_dir.resolve():
-            cfg, overrides = _resume_config(cfg, overrides)  # (a requeued job resumes its own dir with its own config)
-        if cfg.step.name == "rlhf":
-            return pipeline.run(
-                cfg, [o for o in overrides if key_of(o) != "resume"], run_one, planning.make_plan, _hydra_dir, explicit
-            )
-    else:
-        own_dir = True
+    if overrides is not None:  # a pipeline stage
+        return _objective(execute(cfg, overrides, explicit=True, own_dir=True)[1])
+    overrides = _task_overrides()
+    return _objective(start(cfg, overrides, any(key_of(o) == "run_dir" for o in overrides), own_dir)[1])
+
+
+def start(
+    cfg: DictConfig, overrides: list[str], explicit: bool, own_dir: bool = False, worker: str | None = None
+) -> tuple[Path | None, dict]:
+    """A run or a pipeline from its composed config and the overrides it was composed from (`explicit`: they name
+    its run_dir); `worker`: the script every rank runs instead of runner.worker (runner.api). Returns its directory
+    and summary (None and {} for a dry run)."""
+    if cfg.resume and (
+        _hydra_dir is None or Path(os.path.expanduser(str(cfg.resume))).resolve() != _hydra_dir.resolve()
+    ):
+        cfg, overrides = _resume_config(cfg, overrides)  # (a requeued job resumes its own dir with its own config)
+    if cfg.step.name != "rlhf":
+        return execute(cfg, overrides, explicit, own_dir, worker)
+    if worker:
+        raise ConfigError("step", "a pipeline (step=rlhf) runs the methods' own recipes", "launch one stage at a time")
+    pipeline.run(
+        cfg, [o for o in overrides if key_of(o) != "resume"], run_one, planning.make_plan, _hydra_dir, explicit
+    )
+    pipeline_dir = Path(os.path.expanduser(str(cfg.run_dir))).resolve()
+    done = pipeline_dir / "summary.json"
+    return (None, {}) if cfg.dry_run else (pipeline_dir, json.loads(done.read_text()) if done.exists() else {})
+
+
+def execute(
+    cfg: DictConfig, overrides: list[str], explicit: bool, own_dir: bool, worker: str | None = None
+) -> tuple[Path | None, dict]:
+    """One run: plan and check it, write its directory, launch the ranks, record the outcome; its directory and
+    summary."""
     keys.check_added(cfg, overrides)
     if cfg.get("autotune"):
         return _autotune(cfg, overrides)
     raw = bool(cfg.get("ds")) or any(key_of(o).startswith("zero.") for o in overrides)
     try:
-        job = prepare(cfg, scrub=_scrub_sweep_file, raw_ds_keys=raw)
+        job = prepare(cfg, scrub=_scrub_sweep_file, raw_ds_keys=raw, worker=worker)
     except Finished as done:  # every step, the export and the summary were written; only its record was lost
         run_dir = Path(str(done))
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -176,7 +197,7 @@ def run_one(cfg: DictConfig, overrides: list[str] | None = None, own_dir: bool =
         )
         for line in outcome_.verdict(summary):
             print(line)
-        return _objective(summary)
+        return run_dir, summary
     if job.plan.cfg.dry_run:  # the plan's files are written, its summary printed; nothing is launched
         _write(job, overrides)
         show.plan(job.plan.cfg, job.cmd, job.env, job.fit, job.plan.notes + job.notes, job.run_dir)
@@ -196,20 +217,20 @@ def run_one(cfg: DictConfig, overrides: list[str] | None = None, own_dir: bool =
         }
         rundir.write_status(job.run_dir, "planned", overrides, plan=point)
         # (a search sweeper such as Optuna's needs a number: every planned point is alike)
-        return 0.0 if is_multirun() else None
+        return None, ({"objective": 0.0} if is_multirun() else {})
 
     run_dir = rundir.claim(job.run_dir, explicit=explicit, resume=bool(cfg.resume) or own_dir)
     if run_dir != job.run_dir:
         move(job, run_dir)
     try:
-        return _launch(job, overrides)
+        return run_dir, _launch(job, overrides)
     finally:
         rundir.release(run_dir)
         if _hydra_dir is not None and _hydra_dir.resolve() != run_dir:
             discard_empty_run_dir()  # Hydra's own job dir, when run_dir= or resume= points elsewhere
 
 
-def _autotune(cfg: DictConfig, overrides: list[str]) -> float | None:
+def _autotune(cfg: DictConfig, overrides: list[str]) -> tuple[None, dict]:
     """`autotune=true`: plan every candidate, run a short trial of each that fits, write the report and the winning
     recipe (runner.driver.autotune)."""
     from hydra import compose
@@ -234,11 +255,11 @@ def _autotune(cfg: DictConfig, overrides: list[str]) -> float | None:
     print(report.read_text().rstrip())
     if command:
         print(f"\nthe fastest configuration: {command}")
-        return result["best"]["tokens_per_s"]
-    return None
+        return None, {"objective": result["best"]["tokens_per_s"]}
+    return None, {}
 
 
-def _launch(job: Launch, overrides: list[str]) -> float | None:
+def _launch(job: Launch, overrides: list[str]) -> dict:
     run_dir = job.run_dir
     if job.resume:
         resuming.convert(run_dir, job.resume["tag"], job.resume["convert"], job.configs)
@@ -254,7 +275,7 @@ def _launch(job: Launch, overrides: list[str]) -> float | None:
     for note in job.plan.notes + job.notes:
         print(f"note: {note}")
     sys.stdout.flush()
-    start = time.time()
+    began = time.time()
     what = f"resumed from {job.resume['tag']}" if job.resume else "started"
     outcome = supervise.launch(
         job.cmd,
@@ -270,7 +291,7 @@ def _launch(job: Launch, overrides: list[str]) -> float | None:
     )
     shm.release(job.plan.deployment.master_port)  # what a rank that died before releasing it left behind
     try:
-        return _objective(outcome_.record(run_dir, overrides, outcome, time.time() - start, is_multirun()))
+        return outcome_.record(run_dir, overrides, outcome, time.time() - began, is_multirun())
     except outcome_.Ended:
         if is_multirun():  # a sweep stopped at a point: its report is written all the same
             from runner import report

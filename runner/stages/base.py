@@ -10,6 +10,7 @@ method. A method overrides what differs from a supervised stage that trains one 
     sources   models it reads from earlier runs (step keys such as actor_from), checked and wired by the pipeline
     exports   export directory -> kind of model it holds (causal_lm, reward_model, critic)
     recipe    "module:function" that every rank runs
+    trainer   "module:Class" of its step-by-step trainer for a loop of your own (runner.api), or None
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Method:
     sources: ClassVar[tuple[Source, ...]] = ()
     exports: ClassVar[dict[str, str]] = {"export": "causal_lm"}
     recipe: ClassVar[str]
+    trainer: ClassVar[str | None] = None  # generate_experience(rows=None) / train(rollout, step): runner.api.Session
     checkpointed: ClassVar[tuple[str, ...]] = ("",)  # engines its checkpoints hold, by JSON name ("" = the main one)
     max_len_key: ClassVar[str] = "data.max_seq_len"  # the key that bounds a tokenised sample (see max_len)
     judged: ClassVar[bool] = False  # it trains a policy: the `reward` group judges its answers to held-out prompts

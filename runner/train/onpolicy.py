@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,11 +22,18 @@ EVAL_SEED = 99991
 
 @dataclasses.dataclass
 class Rollout:
-    exp: Experience
+    """One step's experience, what a trainer's generate_experience() returns and its train() consumes."""
+
+    exp: Experience  # answers with their log-probs (policy, reference), scores (and values: PPO; groups: GRPO)
     gen_time: float  # seconds generating answers (this rank)
     exp_time: float  # seconds scoring them into experience
     rows: list[dict]  # the first batch's prompts and answers (for samples.jsonl)
     answers: list[list[int]]
+    advantages: torch.Tensor | None = None  # (B, T-1) per answer token, set by the trainer
+    returns: torch.Tensor | None = None  # (B, T-1) the critic's targets (PPO)
+    score_stats: list[float] | None = None  # [count, sum, sum of squares] of the scores over every rank
+    group_counts: list[float] | None = None  # GRPO: prompt groups sampled and those whose answers all scored the same
+    started: float = dataclasses.field(default_factory=time.perf_counter)  # when the step began
 
 
 def collect(batches: int, next_rows: Callable[[], list[dict]], generate, experience, pad_id: int, device) -> Rollout:

@@ -105,28 +105,28 @@ class GRPOTask:
         self.times = (t1 - t0, eng.now(self.dist.device) - t1)  # generation; log-probs and scores
         return exp, repeated, answers
 
-    def collect(self) -> tuple[Experience, float, float, list[dict], list[list[int]], list[float]]:
-        """rollout.prompts groups per rank. With dynamic sampling, batches are sampled until that many groups have
-        answers that differ in score (every rank samples as many batches as the rank that needs most: ZeRO-3
-        generates in lockstep); missing ones are filled with uninformative groups (advantage 0), so every step
-        trains on the same number of answers."""
+    def collect(self, rows: list[dict] | None = None) -> onpolicy.Rollout:
+        """rollout.prompts groups per rank (the first batch's prompts are `rows` when given). With dynamic sampling,
+        batches are sampled until that many groups have answers that differ in score (every rank samples as many
+        batches as the rank that needs most: ZeRO-3 generates in lockstep); missing ones are filled with
+        uninformative groups (advantage 0), so every step trains on the same number of answers."""
         ds, dist = self.step_cfg.dynamic_sampling, self.dist
         parts, first, gen_time, exp_time, seen, informative = [], None, 0.0, 0.0, 0, 0
         for _i in range(int(ds.max_batches) if ds.enabled else 1):
-            rows = [self.prompts[j] for j in self.cursor.next()]
-            exp, repeated, answers = self.sample(rows)
+            batch = rows if rows is not None and first is None else [self.prompts[j] for j in self.cursor.next()]
+            exp, repeated, answers = self.sample(batch)
             gen_time, exp_time = gen_time + self.times[0], exp_time + self.times[1]
             parts.append(exp)
             first = first or (repeated, answers)
             keep = kl.informative_groups(exp.scores.float(), exp.groups)
-            seen, informative = seen + len(rows), informative + int(keep.sum()) // self.n
+            seen, informative = seen + len(batch), informative + int(keep.sum()) // self.n
             more = float(ds.enabled and informative < self.per_rank)
             if not eng.all_reduce_sum([more], dist.device)[0]:
                 break
         exp = Experience.concat(parts, self.pad)
         if ds.enabled:
             exp = exp.select(self.first_groups(exp))
-        return exp, gen_time, exp_time, *first, [float(seen), float(seen - informative)]
+        return onpolicy.Rollout(exp, gen_time, exp_time, *first, group_counts=[float(seen), float(seen - informative)])
 
     def first_groups(self, exp: Experience) -> torch.Tensor:
         """(B,) the answers of the first rollout.prompts groups, informative ones first."""
@@ -138,28 +138,36 @@ class GRPOTask:
 
     # ---------------------------------------------------------------------------------------- one step
     def train_step(self, step: int, log: bool) -> dict:
-        step_cfg, dist = self.step_cfg, self.dist
-        start = time.perf_counter()
-        exp, gen_time, exp_time, rows, answers, group_counts = self.collect()
+        return self.train(self.generate_experience(), step)
 
-        # 2. advantages
-        scores = exp.scores.float()
-        stats = onpolicy.score_sums(scores, dist.device)
-        advantages = advantages_of(exp, self.estimator, step_cfg, dist.device)
+    def generate_experience(self, rows: list[dict] | None = None) -> onpolicy.Rollout:
+        """1. rollout and 2. advantages: step.rollout.n answers to each prompt (the next step.rollout.prompts of the
+        data on this rank, or `rows`: tokenised prompt rows, e.g. `trainer.prompts[i]`), scored by the judge, with
+        their advantages. Every rank calls it (ZeRO-3 generates in lockstep; some estimators normalise over ranks)."""
+        started = time.perf_counter()
+        got = self.collect(rows)
+        got.started, got.score_stats = started, onpolicy.score_sums(got.exp.scores.float(), self.dist.device)
+        got.advantages = advantages_of(got.exp, self.estimator, self.step_cfg, self.dist.device)
+        return got
 
-        # 3. update
+    def train(self, got: onpolicy.Rollout, step: int) -> dict:
+        """3. update: step.epochs passes over the rollout's answers (the optimizer steps), then the step's metrics,
+        means over ranks. `step` (from 1) seeds the shuffle and paces samples.jsonl."""
+        step_cfg, dist, exp = self.step_cfg, self.dist, got.exp
         t_train = eng.now(dist.device)
-        loss_sums, chunks = self.update(exp, advantages, step)
-        times = (gen_time, exp_time, eng.now(dist.device) - t_train)
+        loss_sums, chunks = self.update(exp, got.advantages, step)
+        times = (got.gen_time, got.exp_time, eng.now(dist.device) - t_train)
+        elapsed = time.perf_counter() - got.started
         values = onpolicy.step_metrics(
-            dist, exp, stats, loss_sums, chunks, advantages, None, times, time.perf_counter() - start
+            dist, exp, got.score_stats, loss_sums, chunks, got.advantages, None, times, elapsed
         )
         self.tokens += int(values.pop("tokens"))
         values.pop("answers")
-        values.update(self.reward_metrics(exp, group_counts), lr=self.actor.get_lr()[0], epoch=self.cursor.epoch)
+        values.update(self.reward_metrics(exp, got.group_counts), lr=self.actor.get_lr()[0], epoch=self.cursor.epoch)
         every = int(step_cfg.print_answers_every or 0)
         if dist.main and every and (step % every == 0 or step == 1):
-            onpolicy.log_samples(self.run_dir / "samples.jsonl", self.tokenizer, step, rows, answers, exp.scores)
+            samples = self.run_dir / "samples.jsonl"
+            onpolicy.log_samples(samples, self.tokenizer, step, got.rows, got.answers, exp.scores)
         return values
 
     def reward_metrics(self, exp: Experience, group_counts: list[float]) -> dict:

@@ -46,6 +46,7 @@ class GRPO(Method):
     )
     exports = {"export": "causal_lm"}
     recipe = "runner.stages.grpo.recipe:run"
+    trainer = "runner.stages.grpo.recipe:GRPOTask"
 
     def max_len(self, cfg: DictConfig) -> int:
         return int(cfg.step.max_prompt_len)

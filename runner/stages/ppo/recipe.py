@@ -96,40 +96,61 @@ class PPOTask:
 
     # ------------------------------------------------------------------------------------------ one PPO step
     def train_step(self, step: int, log: bool) -> dict:
+        return self.train(self.generate_experience(), step)
+
+    def generate_experience(self, rows: list[dict] | None = None) -> onpolicy.Rollout:
+        """1. rollout and 2. rewards and advantages: step.generation_batches batches of answers (the first to `rows`,
+        tokenised prompt rows such as `trainer.prompts[i]`, when given; else the next prompts of the data on this
+        rank), scored by the reward model, with KL-penalised token rewards, advantages and returns. Every rank calls
+        it (ZeRO-3 generates in lockstep)."""
         step_cfg, dist = self.step_cfg, self.dist
-        start = time.perf_counter()
-        # 1. rollout: answers and their experience
+        started, given = time.perf_counter(), iter([rows] if rows is not None else [])
         got = onpolicy.collect(
-            int(step_cfg.generation_batches), self.next_prompts, self.generate, self.experience, self.pad, dist.device
+            int(step_cfg.generation_batches),
+            lambda: next(given, None) or self.next_prompts(),
+            self.generate,
+            self.experience,
+            self.pad,
+            dist.device,
         )
         exp = got.exp
-
-        # 2. rewards (KL-penalised, clipped scores) and GAE advantages
         scores = exp.scores.float()
-        stats = onpolicy.score_sums(scores, dist.device)
+        got.started, got.score_stats = started, onpolicy.score_sums(scores, dist.device)
         if step_cfg.reward_normalization:
-            self.moments.update(int(stats[0]), stats[1], stats[2])
+            self.moments.update(int(got.score_stats[0]), got.score_stats[1], got.score_stats[2])
             scores = (scores - self.moments.mean) / max(self.moments.std, 1e-6)
         mask = exp.action_mask
         rewards = rl.token_rewards(
             exp.logprobs, exp.ref_logprobs, scores, mask, self.kl.value, float(step_cfg.clip_reward_value)
         )
-        advantages, returns = self.estimator.fn(
+        got.advantages, got.returns = self.estimator.fn(
             rewards, mask, values=exp.values, gamma=float(step_cfg.gamma), lam=float(step_cfg.lam)
         )
         if step_cfg.whiten_advantages:
-            advantages = rl.whiten(advantages, mask)
+            got.advantages = rl.whiten(got.advantages, mask)
+        return got
 
-        # 3. update: PPO epochs over the experience, actor then critic per chunk
+    def train(self, got: onpolicy.Rollout, step: int) -> dict:
+        """3. update: step.ppo_epochs passes over the rollout, actor then critic per chunk; 4. the EMA of the actor;
+        then the step's metrics (means over ranks) and the adaptive KL coefficient's update. `step` (from 1) seeds
+        the shuffle and paces samples.jsonl."""
+        step_cfg, dist, exp = self.step_cfg, self.dist, got.exp
         t_train = eng.now(dist.device)
-        losses, chunks = self.update(exp, advantages, returns, step)
-        # 4. the EMA of the actor
+        losses, chunks = self.update(exp, got.advantages, got.returns, step)
         if self.ema:
             self.ema.update()
         times = (got.gen_time, got.exp_time, eng.now(dist.device) - t_train)
 
         values = onpolicy.step_metrics(
-            dist, exp, stats, losses, chunks, advantages, returns, times, time.perf_counter() - start
+            dist,
+            exp,
+            got.score_stats,
+            losses,
+            chunks,
+            got.advantages,
+            got.returns,
+            times,
+            time.perf_counter() - got.started,
         )
         self.kl.update(values["kl"], int(values.pop("answers")))
         self.tokens += int(values.pop("tokens"))

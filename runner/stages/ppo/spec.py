@@ -46,6 +46,7 @@ class PPO(Method):
     )
     exports = {"export": "causal_lm", "export_critic": "critic", "export_ema": "causal_lm"}
     recipe = "runner.stages.ppo.recipe:run"
+    trainer = "runner.stages.ppo.recipe:PPOTask"
     checkpointed = ("", "critic")
 
     def has_rank_state(self, cfg: DictConfig) -> bool:
