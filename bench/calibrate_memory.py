@@ -75,7 +75,8 @@ def cases() -> list[tuple[str, int, list[str]]]:
 
 
 def synthetic_data(path: Path, rows: int = 64, words: int = 700) -> None:
-    """Rows of a 40-word prompt (PPO truncates it to step.max_prompt_len=32) and answers that are long runs of the tiny tokenizer's words (longer than any max_seq_len)."""
+    """Rows of a 40-word prompt (under PPO's step.max_prompt_len=64 tokens) and answers that are long runs of the
+    tiny tokenizer's words (longer than any max_seq_len)."""
     vocab = [
         w
         for line in (REPO / "runner/assets/tiny_data/train.jsonl").read_text().splitlines()[:200]
@@ -121,8 +122,8 @@ def ppo_exports(root: Path) -> list[str]:
     return [
         f"step.actor_from={out[0]}",
         f"step.critic_from={out[1]}",
-        "step.max_prompt_len=32",
-        "step.generation.max_new_tokens=224",
+        "step.max_prompt_len=64",
+        "step.generation.max_new_tokens=192",
         "step.generation_batch_size=4",
         "train.micro_batch_size=4",
         "reward=none",
