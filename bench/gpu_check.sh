@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CUDA paths of the runner on one GPU: bf16 + DeepSpeed's FusedAdam + hybrid engine (ZeRO-2), fp16 + ZeRO-3 actor
-# and critic + EMA + LoRA, bf16 SFT; PPO time per step split into generation / experience / training.
+# and critic + EMA + LoRA, bf16 SFT; PPO time per step split into generation / experience / training; the memory
+# plan's calibration (predicted vs measured peak per device).
 #   bash bench/gpu_check.sh OUT_DIR SFT_EXPORT REWARD_EXPORT
 # Writes each run's log tail and summary.json into OUT_DIR and prints a table.
 set -u
@@ -26,6 +27,8 @@ run ppo_bf16_zero2_fusedadam_he $P precision=bf16 optimizer.impl=deepspeed zero=
 run ppo_fp16_zero3_ema_lora $P precision=fp16 optimizer.impl=deepspeed zero=stage3 zero@step.critic.zero=stage3 \
     step.hybrid_engine.enabled=true step.ema.enabled=true lora.r=8 train.max_steps=20 train.eval_every=10
 run sft_bf16 precision=bf16 deployment=single_gpu optimizer.impl=deepspeed train.max_steps=100
+# the memory plan against torch.cuda.max_memory_allocated (one-rank cases; bench/calibrate_memory.py)
+python3 bench/calibrate_memory.py --gpu > "$OUT/calibrate_memory.md" 2>&1; tail -n 20 "$OUT/calibrate_memory.md"
 python3 - "$OUT" <<'PY'
 import json, sys, pathlib, statistics
 for path in sorted(pathlib.Path("/tmp/gpu_check").glob("*/metrics.jsonl")):
