@@ -3,8 +3,7 @@
 Every key traces to its source in one hop:
 
     train_batch_size                 = train.micro_batch_size × train.gradient_accumulation_steps × parallel.data
-                                       (parallel.data = world_size / (parallel.tensor × parallel.sequence); not
-                                       written with parallel.tensor > 1, see _batch below)
+                                       (parallel.data = world_size / (parallel.tensor × parallel.sequence))
     tensor_parallel.autotp_size      = parallel.tensor     (only when > 1: AutoTP shards the model at initialize)
     sequence_parallel_size           = parallel.sequence   (only when > 1: Ulysses; the ranks pass its mpu)
     train_micro_batch_size_per_gpu   = train.micro_batch_size
@@ -50,15 +49,13 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 
 
 def _batch(parallel: DictConfig, per_rank: int, world_size: int) -> dict[str, Any]:
-    """train_batch_size and the parallel blocks. Under AutoTP DeepSpeed 0.19.8 checks train_batch_size twice with two
-    different world sizes (every rank when it parses the JSON, the data-parallel ranks when zero.Init re-parses it with
-    AutoTP's groups), so no value passes both: the JSON leaves it out and DeepSpeed derives it each time from
-    micro-batch × accumulation (the global batch is still micro × accumulation × parallel.data)."""
+    """train_batch_size (the global batch: micro-batch x accumulation x data-parallel ranks) and the parallel blocks.
+    DeepSpeed divides the world by the model-parallel degree itself: by sequence_parallel_size, and under AutoTP by
+    the tensor-parallel groups the ranks hand it (runner.train.parallel.prepare)."""
     tensor, sequence = int(parallel.tensor), int(parallel.sequence)
-    data = world_size // (tensor * sequence)
+    out: dict[str, Any] = {"train_batch_size": per_rank * (world_size // (tensor * sequence))}
     if tensor > 1:
-        return {"tensor_parallel": {"autotp_size": tensor}}
-    out: dict[str, Any] = {"train_batch_size": per_rank * data}
+        out["tensor_parallel"] = {"autotp_size": tensor}
     if sequence > 1:
         out["sequence_parallel_size"] = sequence
     return out

@@ -22,8 +22,16 @@ _MPU = None  # Ulysses' groups (DeepSpeed's parallel_state_sp), once registered
 
 
 def prepare(model: torch.nn.Module, dist: Dist, micro: int):
-    """Before deepspeed.initialize: Ulysses' attention registered for this model (returns its mpu), or None."""
+    """Before deepspeed.initialize: the groups to hand it as `mpu`, or None. AutoTP: DeepSpeed's tensor/data mesh,
+    built now so that its JSON parse counts only the data-parallel ranks in train_batch_size (without it, the first
+    parse counts every rank and zero.Init's re-parse only the data-parallel ones, and no value passes both).
+    Ulysses: its attention registered for this model, and its groups."""
     global _MPU
+    if dist.tensor > 1:
+        from deepspeed.utils import groups
+
+        groups._init_tp_mesh_device(tensor_model_parallel_size=dist.tensor)
+        return groups
     if dist.sequence == 1:
         return None
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
