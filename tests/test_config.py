@@ -500,6 +500,10 @@ def test_ds_config_parallel_optimizer_matrix(matrix_parts, optimizer_parts, zero
             make_plan(cfg, GPU)
         assert err.value.where == "optimizer.name"
         return
+    if name == "Adagrad" and zero in ("stage1", "stage2"):  # DeepSpeed 0.19.8 fails at its first step
+        with pytest.raises(ConfigError, match="_get_flat_partition_unpadded"):
+            make_plan(cfg, GPU)
+        return
     plan = make_plan(cfg, GPU)
     ds = build_ds_config(plan.cfg, plan.world_size, total_steps=TOTAL_STEPS, run_dir=RUN)
     data = 8 // (tensor * sequence)

@@ -125,6 +125,7 @@ def test_optimizer_impl_on_cpu(compose, overrides, impl):
         (["optimizer=muon", "optimizer.impl=torch"], GPU, "optimizer.impl", "2-D"),
         (["optimizer=lion", "optimizer.impl=torch"], GPU, "optimizer.impl", "torch.optim has no Lion"),
         (["optimizer=lamb", "zero=stage3_offload"], GPU, "optimizer.name", "no CPU LAMB"),
+        (["optimizer=adagrad", "zero=stage2"], GPU, "optimizer", "IndexError"),
         (["optimizer.name=OneBitAdam"], GPU, "optimizer", "ZeRO++"),
         (["+ds.compression_training.weight_quantization.enabled=true"], GPU, "ds.compression_training", "ZeRO++"),
         (["+ds.optimizer.type=ZeroOneAdam"], GPU, "ds.optimizer.type", "0/1 Adam was removed"),

@@ -104,6 +104,14 @@ def resolve(cfg: DictConfig, accelerator: str, offload: bool, notes: list[str]) 
             f"(its CPU optimizers: {', '.join(CPU_OFFLOAD)})",
             "use a zero option without offload, or optimizer=adamw / adagrad / lion",
         )
+    if opt.name == "Adagrad" and not offload and cfg.zero.stage in (1, 2):
+        raise ConfigError(
+            "optimizer",
+            f"Adagrad at ZeRO stage {cfg.zero.stage} fails in DeepSpeed 0.19.8's first step (IndexError in "
+            "stage_1_and_2._get_flat_partition_unpadded: the flat partition of torch's Adagrad has no parameters; "
+            "seen on 2 CPU ranks, and the code is the same on GPUs)",
+            "use Adagrad at zero=stage0 or stage3, or under offload (zero=stage2_offload: DeepSpeedCPUAdagrad)",
+        )
     if accelerator == "cpu" and opt.impl == "deepspeed" and not offload and opt.name in ("Lion", "LAMB"):
         raise ConfigError(
             "optimizer",
