@@ -186,6 +186,7 @@ def data_parallel_run(tmp_path_factory):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # three 2-rank runs: ~75 s alone on 2 cores
 @pytest.mark.parametrize("degree", ["parallel.tensor=2", "parallel.sequence=2"])
 def test_model_parallel_matches_data_parallel(tmp_path, data_parallel_run, degree):
     """The same global batch of 8 on one tensor- (AutoTP) or sequence-parallel (Ulysses) group of 2 ranks: the same
@@ -200,3 +201,29 @@ def test_model_parallel_matches_data_parallel(tmp_path, data_parallel_run, degre
     ds = json.loads((run / "ds_config.json").read_text())
     assert ds.get("tensor_parallel", {}).get("autotp_size", 1) * ds.get("sequence_parallel_size", 1) == 2
     assert (run / "export" / "model.safetensors").is_file()
+
+
+CPU_COMBOS = [  # what DeepSpeed runs on 2 CPU ranks (README "Parallelism and communication")
+    *[["zero=" + z, "parallel.tensor=2", "train.micro_batch_size=8"] for z in ("stage1", "stage2", "stage3")],
+    *[["zero=" + z, "parallel.sequence=2", "train.micro_batch_size=8"] for z in ("stage1", "stage2", "stage3")],
+    [
+        "zero=stage3_zeropp",
+        "zero.zero_quantized_weights=false",
+        "zero.zero_quantized_gradients=false",
+        "zero.zero_hpz_partition_size=2",
+    ],
+    ["optimizer=adagrad", "optimizer.lr=1e-2"],
+    ["optimizer=muon"],
+]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", CPU_COMBOS, ids=lambda o: " ".join(o))
+def test_cpu_combination_trains(tmp_path, overrides):
+    """Each combination trains 10 steps on 2 CPU ranks, evaluates, exports, and its loss falls."""
+    run = run_dir_of(
+        run_cli(tmp_path, "debug=fdr", "train.max_steps=10", *CPU2, *overrides, f"hydra.run.dir={tmp_path}/r")
+    )
+    first, last = losses(run)[0], losses(run)[-1]
+    assert last < first - 0.5 and (run / "export" / "config.json").is_file()
