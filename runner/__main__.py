@@ -44,9 +44,25 @@ class _HeldStderr(io.TextIOBase):
         return held
 
 
+def _removed_optimizer(args: list[str]) -> str | None:
+    """`optimizer=onebit_adam`, `optimizer.type=OneBitAdam`: Hydra finds no such option or key; the message says the
+    optimizer was removed from DeepSpeed and what replaced it."""
+    from runner.driver.optimizers import REMOVED_FIX, removed_message
+
+    for arg in args:
+        key, _, value = arg.lstrip("+~").partition("=")
+        message = removed_message(value) if key in ("optimizer", "optimizer.type", "optimizer.name") else None
+        if message:
+            return ConfigError(key, message, REMOVED_FIX).render() + "\n"
+    return None
+
+
 def _rewrite(held: str, args: list[str]) -> str:
     """Hydra's composition errors as the runner's: an unknown key with the closest existing one (not Hydra's advice
     to add it with `+`), a YAML error with its file and line only (not a 70-line traceback)."""
+    gone = _removed_optimizer(args)
+    if gone:
+        return gone
     unknown = re.search(r"Could not override '([^']+)'", held)
     if unknown:
         from runner.driver.keys import is_group_choice, unknown_key_message

@@ -30,7 +30,7 @@ def join(run_dir: Path):
     cfg = OmegaConf.load(run_dir / "config.yaml")
     from runner.train.engine import init_distributed
 
-    dist = init_distributed(cfg.deployment.get("threads_per_rank"))
+    dist = init_distributed(cfg.deployment.get("threads_per_rank"), cfg.get("parallel"))
     if dist.world != cfg.runtime.world_size:
         print(
             f"error: the run was planned for {cfg.runtime.world_size} ranks but {dist.world} started; "

@@ -73,7 +73,8 @@ def ds_parse(ds: dict, world_size: int):
         mock.patch("deepspeed.runtime.config.dist.get_rank", return_value=0),
     ):
         parsed = DeepSpeedConfig(copy.deepcopy(ds))
-    assert parsed.world_size == world_size  # the patch reached it (it silently falls back to 1 otherwise)
+    # the patch reached it (it silently falls back to 1 otherwise); Ulysses' ranks of one sequence count once
+    assert parsed.world_size == world_size / ds.get("sequence_parallel_size", 1)
     return parsed
 
 

@@ -458,6 +458,72 @@ def test_ds_config_matrix(matrix_parts, tmp_path, monkeypatch, zero, precision, 
         assert "optimizer" not in ds and parsed.optimizer_name is None
 
 
+PARALLEL = [(1, 1), (2, 1), (1, 2)]  # (tensor, sequence)
+OPTIMIZERS = options("optimizer")
+
+
+@pytest.fixture(scope="module")
+def optimizer_parts(compose):
+    """The composed node of every optimizer option."""
+    return {o: OmegaConf.to_container(compose([f"optimizer={o}"]).optimizer, resolve=False) for o in OPTIMIZERS}
+
+
+def accepted_params(name: str) -> set[str]:
+    """The settings the class DeepSpeed 0.19.8 builds for an optimizer block takes (engine._configure_basic_optimizer:
+    FusedAdam, torch's Adagrad, FusedLion, FusedLamb; Muon's two halves), read from their signatures."""
+    import inspect
+
+    import deepspeed.ops.adam as adam
+    import deepspeed.ops.lamb as lamb
+    import deepspeed.ops.lion as lion
+    import torch
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    if name == "Muon":
+        return {*DeepSpeedEngine._MUON_HALF_KEYS, *DeepSpeedEngine._ADAM_HALF_KEYS, "muon_lr", "adam_lr"}
+    cls = {"AdamW": adam.FusedAdam, "Adagrad": torch.optim.Adagrad, "Lion": lion.FusedLion, "LAMB": lamb.FusedLamb}
+    return set(inspect.signature(cls[name].__init__).parameters) - {"self", "params"}
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("tensor, sequence", PARALLEL)
+@pytest.mark.parametrize("zero", MATRIX_AXES["zero"])
+def test_ds_config_parallel_optimizer_matrix(matrix_parts, optimizer_parts, zero, tensor, sequence, optimizer):
+    """Every zero option x parallel degrees x optimizer on a node of 8 GPUs: the JSON passes DeepSpeed's own parser
+    at the real world size, with its batch, parallel and optimizer blocks; what cannot run is refused by the plan."""
+    cfg = assemble(matrix_parts, zero, "bf16", "single_node")
+    cfg.optimizer = OmegaConf.create(copy.deepcopy(optimizer_parts[optimizer]))
+    cfg.parallel.tensor, cfg.parallel.sequence = tensor, sequence
+    name = cfg.optimizer.name
+    if "offload" in zero and name not in ("AdamW", "Adagrad", "Lion"):  # DeepSpeed has no CPU LAMB or Muon
+        with pytest.raises(ConfigError, match="ZeRO-Offload") as err:
+            make_plan(cfg, GPU)
+        assert err.value.where == "optimizer.name"
+        return
+    if name == "Adagrad" and zero in ("stage1", "stage2"):  # DeepSpeed 0.19.8 fails at its first step
+        with pytest.raises(ConfigError, match="_get_flat_partition_unpadded"):
+            make_plan(cfg, GPU)
+        return
+    plan = make_plan(cfg, GPU)
+    ds = build_ds_config(plan.cfg, plan.world_size, total_steps=TOTAL_STEPS, run_dir=RUN)
+    data = 8 // (tensor * sequence)
+    assert plan.cfg.parallel.data == data
+    assert ds["train_batch_size"] == 8 * data  # micro x accumulation x data-parallel ranks
+    assert ds.get("sequence_parallel_size", 1) == sequence
+    # the ranks hand DeepSpeed AutoTP's groups (runner.train.parallel.prepare): its parse counts the data-parallel
+    # ranks; Ulysses' sequence_parallel_size divides the world in the parse itself
+    parsed = ds_parse(ds, 8 // tensor)
+    assert parsed.train_batch_size == 8 * data
+    assert parsed.tensor_parallel_config.autotp_size == (tensor if tensor > 1 else 0)
+    assert parsed.zero_optimization_stage == int(zero[5])
+    if zero == "stage3_zeropp":  # one node: hpZ resolved off; the quantized collectives on
+        zc = parsed.zero_config
+        assert zc.zero_quantized_weights and zc.zero_quantized_gradients and zc.zero_hpz_partition_size == 1
+    block = ds["optimizer"]
+    assert block["type"] == name and parsed.optimizer_name == name.lower()
+    assert set(block["params"]) <= accepted_params(name), name
+
+
 def test_ds_parser_has_teeth(compose):
     """The parse checks above can fail: a batch built for another world size and a misspelt zero key are refused."""
     plan, ds, _ = plan_and_build(compose(["deployment=single_node"]), GPU, RUN)

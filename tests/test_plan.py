@@ -143,3 +143,15 @@ def test_a_run_that_cannot_fit_is_refused_before_anything_is_written(tmp_path):
 def test_plan_json_round_trips(compose):
     got = assess(compose, ["model=opt-1.3b", "deployment=single_gpu"])
     assert json.loads(json.dumps(got))["verdict"] == got["verdict"]
+
+
+def test_parallel_degrees_and_zeropp_are_planned(compose):
+    base = ["model=opt-1.3b", "deployment=single_node", "hardware=a100-80g", "train.micro_batch_size=4"]
+    plain = assess(compose, base)
+    tp = assess(compose, base + ["parallel.tensor=2"])
+    sp = assess(compose, base + ["parallel.sequence=2"])
+    assert tp["terms_gb"]["model states: model"] < 0.7 * plain["terms_gb"]["model states: model"]
+    assert sp["terms_gb"]["activations (training)"] == pytest.approx(plain["terms_gb"]["activations (training)"] / 2)
+    assert tp["time"]["step_s"] == pytest.approx(plain["time"]["step_s"] / 2)  # a pair of ranks shares each batch
+    hpz = assess(compose, base + ["zero=stage3_zeropp", "zero.zero_hpz_partition_size=8"])
+    assert hpz["terms_gb"]["ZeRO++ hpZ secondary weights"] == pytest.approx(2 * 1315758080 / 8 / GiB, abs=1e-4)

@@ -84,10 +84,29 @@ def _where(name: str) -> str:
     return f"ds_config.{name}.json" if name else "ds_config.json"
 
 
+def removed(ds: dict, name: str) -> None:
+    """A removed compressed-communication feature asked for through +ds.*: named, with ZeRO++ as the alternative
+    (DeepSpeed 0.19.8 refuses compression_training itself, and would fail on a 1-bit optimizer only at start-up)."""
+    from runner.driver.optimizers import REMOVED_FIX, removed_message
+
+    if "compression_training" in ds:
+        raise ConfigError(
+            "ds.compression_training",
+            f"DeepSpeed's compression library was removed ({_where(name)}; DeepSpeed 0.19.8 refuses the block: "
+            "'A leftover compression_training block would be ignored and the model would train unquantized')",
+            "remove it; " + REMOVED_FIX,
+        )
+    kind = (ds.get("optimizer") or {}).get("type")
+    message = removed_message(kind) if kind else None
+    if message:
+        raise ConfigError("ds.optimizer.type", message, REMOVED_FIX)
+
+
 def rules(configs: dict[str, dict], accelerator: str) -> None:
     """The runner's checks of every final JSON (fp16 with bf16, fp16 on the CPU accelerator, keys the chosen ZeRO
     stage ignores)."""
     for name, ds in configs.items():
+        removed(ds, name)
         fp16, bf16 = (ds.get("fp16") or {}).get("enabled"), (ds.get("bf16") or ds.get("bfloat16") or {}).get("enabled")
         if fp16 and bf16:
             raise ConfigError(

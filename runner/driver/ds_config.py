@@ -2,7 +2,10 @@
 
 Every key traces to its source in one hop:
 
-    train_batch_size                 = train.micro_batch_size × train.gradient_accumulation_steps × world_size
+    train_batch_size                 = train.micro_batch_size × train.gradient_accumulation_steps × parallel.data
+                                       (parallel.data = world_size / (parallel.tensor × parallel.sequence))
+    tensor_parallel.autotp_size      = parallel.tensor     (only when > 1: AutoTP shards the model at initialize)
+    sequence_parallel_size           = parallel.sequence   (only when > 1: Ulysses; the ranks pass its mpu)
     train_micro_batch_size_per_gpu   = train.micro_batch_size
     gradient_accumulation_steps      = train.gradient_accumulation_steps
     gradient_clipping                = train.gradient_clipping
@@ -10,7 +13,8 @@ Every key traces to its source in one hop:
     wall_clock_breakdown             = train.wall_clock_breakdown
     zero_optimization                = zero.*              (DeepSpeed's own key names, copied as they are)
     fp16 / bf16                      = precision.*
-    optimizer                        = optimizer.*         (only when optimizer.impl == deepspeed)
+    optimizer                        = optimizer.*         (only when optimizer.impl == deepspeed; its keys:
+                                                            runner.driver.optimizers.PARAMS)
     scheduler                        = scheduler.* and the run's total optimizer steps
     (no tensorboard / wandb / csv_monitor blocks: the runner logs to the trackers itself, on the optimizer-step
      axis; DeepSpeed's monitor would add its learning rate on a sample-count axis: runner.train.trackers)
@@ -23,6 +27,8 @@ import copy
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from runner.driver import optimizers
 
 SCHEDULERS = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
 
@@ -42,6 +48,19 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return base
 
 
+def _batch(parallel: DictConfig, per_rank: int, world_size: int) -> dict[str, Any]:
+    """train_batch_size (the global batch: micro-batch x accumulation x data-parallel ranks) and the parallel blocks.
+    DeepSpeed divides the world by the model-parallel degree itself: by sequence_parallel_size, and under AutoTP by
+    the tensor-parallel groups the ranks hand it (runner.train.parallel.prepare)."""
+    tensor, sequence = int(parallel.tensor), int(parallel.sequence)
+    out: dict[str, Any] = {"train_batch_size": per_rank * (world_size // (tensor * sequence))}
+    if tensor > 1:
+        out["tensor_parallel"] = {"autotp_size": tensor}
+    if sequence > 1:
+        out["sequence_parallel_size"] = sequence
+    return out
+
+
 def build_ds_config(cfg: DictConfig, world_size: int, total_steps: int, run_dir: str) -> dict[str, Any]:
     """The complete DeepSpeed config for the training engine of a resolved run config.
 
@@ -51,7 +70,7 @@ def build_ds_config(cfg: DictConfig, world_size: int, total_steps: int, run_dir:
     train = cfg.train
     micro, gas = int(train.micro_batch_size), int(train.gradient_accumulation_steps)
     ds: dict[str, Any] = {
-        "train_batch_size": micro * gas * world_size,
+        **_batch(cfg.parallel, micro * gas, world_size),
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": float(train.gradient_clipping),
@@ -79,15 +98,7 @@ def build_ds_config(cfg: DictConfig, world_size: int, total_steps: int, run_dir:
 
     opt = cfg.optimizer
     if opt.impl == "deepspeed":
-        ds["optimizer"] = {
-            "type": opt.name,
-            "params": {
-                "lr": float(opt.lr),
-                "betas": list(opt.betas),
-                "eps": float(opt.eps),
-                "weight_decay": float(opt.weight_decay),
-            },
-        }
+        ds["optimizer"] = optimizers.ds_block(opt)
 
     sched = cfg.scheduler
     warmup = warmup_steps(sched, total_steps)

@@ -10,6 +10,7 @@ makes it fit. The time is an estimate: FLOPs per step over the hardware's peak a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -56,7 +57,11 @@ def refusal(fit: dict) -> tuple[str, str]:
 
 def _memory(cfg: DictConfig, method, configs: dict, sizes: dict, gpus_per_node: int, nodes: int) -> dict:
     hw = cfg.hardware
-    states = memory_.run_memory(cfg, configs, sizes, gpus_per_node, nodes)
+    tensor, sequence = _degrees(cfg)
+    arches, num_params = _arches(cfg, method), sizes[""][0]
+    if tensor > 1:  # AutoTP: each rank holds 1/tensor of every linear layer; ZeRO partitions over the data ranks
+        sizes = {**sizes, "": (_tensor_share(sizes[""][0], arches[""], tensor), sizes[""][1])}
+    states = memory_.run_memory(cfg, configs, sizes, max(1, gpus_per_node // tensor), nodes)
     w = 2 if cfg.precision.dtype in ("bf16", "fp16") else 4
     terms = {"runtime overhead": float(hw.overhead_gb) * GB}
     for name, e in states["engines"].items():
@@ -64,10 +69,15 @@ def _memory(cfg: DictConfig, method, configs: dict, sizes: dict, gpus_per_node: 
     prefetch = min(_prefetch(configs, cfg, w), w * sizes[""][0])  # (it never holds more than the whole model)
     if prefetch:
         terms["ZeRO-3 prefetch buffer"] = prefetch
-    arches = _arches(cfg, method)
+    hpz = OmegaConf.select(cfg, "zero.zero_hpz_partition_size", default=1)
+    if isinstance(hpz, int) and hpz > 1 and int(cfg.zero.stage) == 3:  # ZeRO++ hpZ: a secondary copy within a node
+        terms["ZeRO++ hpZ secondary weights"] = w * sizes[""][0] / hpz
     peak_pass, peak_terms = None, {}
     for p in method.workload(cfg, gpus_per_node * nodes):
         arch = arches.get(p.engine) or arches[""]
+        if sequence > 1 or tensor > 1:  # Ulysses: 1/sequence of every sequence; AutoTP: 1/tensor of the wide parts
+            p = dataclasses.replace(p, seq=max(1, p.seq // sequence))
+            arch = dataclasses.replace(arch, ffn=max(1, arch.ffn // tensor))
         got = pass_bytes(arch, p, w, _checkpointing(cfg, p.engine))
         if sum(got.values()) > sum(peak_terms.values()):
             peak_pass, peak_terms = p, got
@@ -87,6 +97,8 @@ def _memory(cfg: DictConfig, method, configs: dict, sizes: dict, gpus_per_node: 
     ranked = sorted(terms.items(), key=lambda kv: -kv[1])
     return {
         "hardware": {k: hw.get(k) for k in ("name", "device", "device_memory_gb", "peak_tflops", "mfu")},
+        "num_params": num_params,
+        "parallel": {"tensor": tensor, "sequence": sequence},
         "peak_gb": round(peak, 3),
         "capacity_gb": capacity,
         "headroom": round(headroom, 3),
@@ -97,6 +109,18 @@ def _memory(cfg: DictConfig, method, configs: dict, sizes: dict, gpus_per_node: 
         "host_capacity_gb": host_cap,
         "model_states": states,
     }
+
+
+def _degrees(cfg: DictConfig) -> tuple[int, int]:
+    """(tensor, sequence) parallel degrees (1 when the config has none)."""
+    get = lambda k: OmegaConf.select(cfg, f"parallel.{k}", default=1)  # noqa: E731
+    return int(get("tensor") or 1), int(get("sequence") or 1)
+
+
+def _tensor_share(params: int, arch: Arch, tensor: int) -> int:
+    """Parameters one rank holds under AutoTP: the embeddings whole, the blocks' linear layers 1/tensor."""
+    embeddings = min(params, arch.vocab * arch.hidden)
+    return int(embeddings + (params - embeddings) / tensor)
 
 
 def _engine(name: str, method) -> str:
@@ -228,6 +252,8 @@ def _suggest(cfg: DictConfig, method, sizes: dict, gpus_per_node: int, nodes: in
 
 def time_estimate(cfg: DictConfig, method, sizes: dict, world: int, total_steps) -> dict:
     hw = cfg.hardware
+    tensor, sequence = _degrees(cfg)
+    data_ranks = max(1, world // (tensor * sequence))  # each tensor/sequence group shares one batch's work
     flops, tokens = 0.0, 0.0
     for p in method.workload(cfg, world):
         n = (sizes.get(p.engine) or sizes[""])[0]
@@ -239,11 +265,11 @@ def time_estimate(cfg: DictConfig, method, sizes: dict, world: int, total_steps)
             tokens += p.batch * p.seq * p.times
     if not hw.peak_tflops or not hw.mfu:
         return {"estimate": None, "why": "set hardware.peak_tflops and hardware.mfu for a time estimate"}
-    step_s = flops / (float(hw.peak_tflops) * 1e12 * float(hw.mfu))
+    step_s = flops / (tensor * sequence) / (float(hw.peak_tflops) * 1e12 * float(hw.mfu))
     return {
         "step_s": step_s,
-        "tokens_per_s": tokens * world / step_s if step_s else None,
+        "tokens_per_s": tokens * data_ranks / step_s if step_s else None,
         "run_s": step_s * total_steps if total_steps else None,
-        "flops_per_step_per_device": flops,
+        "flops_per_step_per_device": flops / (tensor * sequence),
         "assumption": f"{hw.mfu:.0%} of {hw.peak_tflops} TFLOP/s per device; communication and offload not modelled",
     }

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from runner import stages
-from runner.driver import checks, hardware
+from runner.driver import checks, hardware, optimizers, parallel
 from runner.driver.deployment import Hardware, resolve_deployment
 from runner.errors import ConfigError
 from runner.paths import is_local_path, local
@@ -55,36 +55,17 @@ def _resolve_precision(cfg: DictConfig, hw: Hardware, accelerator: str, notes: l
 
 
 def _resolve_optimizer(cfg: DictConfig, accelerator: str, notes: list[str]) -> None:
-    opt = cfg.optimizer
-    try:
-        float(opt.lr)
-    except (TypeError, ValueError):
-        raise ConfigError("optimizer.lr", f"must be a number, got {opt.lr!r}", "e.g. optimizer.lr=1e-4") from None
-    checks.positive(cfg, "optimizer.lr", example="1e-4")
     # any trained model's ZeRO-Offload (the run's, or a method's own per model: step.critic.zero) needs DeepSpeed's
     offload = checks.offloads_optimizer(cfg.zero) or any(
         checks.offloads_optimizer(block.zero)
         for block in cfg.step.values()
         if isinstance(block, DictConfig) and isinstance(block.get("zero"), DictConfig)
     )
-    if opt.impl == "auto":
-        opt.impl = "deepspeed" if (accelerator == "cuda" or offload) else "torch"
-        if opt.impl == "torch":
-            notes.append(
-                "optimizer: torch.optim.AdamW built by the runner (on CPU, DeepSpeed's FusedAdam needs a "
-                "~45 s JIT build; optimizer.impl=deepspeed selects it)"
-            )
-    if opt.impl not in ("deepspeed", "torch"):
-        raise ConfigError("optimizer.impl", f"unknown value {opt.impl!r}", "use auto, deepspeed or torch")
-    if opt.impl == "torch" and offload:
-        raise ConfigError(
-            "optimizer.impl",
-            "ZeRO-Offload runs the optimizer step with DeepSpeed's CPU Adam; a torch optimizer cannot be offloaded",
-            "use optimizer.impl=deepspeed (or auto)",
-        )
+    optimizers.resolve(cfg, accelerator, offload, notes)
 
 
 def _resolve_batch(cfg: DictConfig, world: int) -> None:
+    """`world`: the data-parallel ranks (parallel.data): each tensor/sequence-parallel group trains on one batch."""
     train = cfg.train
     checks.positive_int(cfg, "train.micro_batch_size", "train.gradient_accumulation_steps")
     if train.global_batch_size is not None:
@@ -94,7 +75,8 @@ def _resolve_batch(cfg: DictConfig, world: int) -> None:
             raise ConfigError(
                 "train.global_batch_size",
                 f"{train.global_batch_size} is not a multiple of "
-                f"micro_batch_size × world size = {train.micro_batch_size} × {world} = {per_step}",
+                f"micro_batch_size × data-parallel ranks (parallel.data) = {train.micro_batch_size} × {world} = "
+                f"{per_step}",
                 f"use a multiple of {per_step}, or change train.micro_batch_size",
             )
         train.gradient_accumulation_steps = train.global_batch_size // per_step
@@ -310,13 +292,15 @@ def make_plan(cfg: DictConfig, hw: Hardware | None = None) -> Plan:
     _resolve_precision(cfg, hw, cfg.deployment.accelerator, notes)
     checks.zero(cfg.zero)
     _resolve_optimizer(cfg, cfg.deployment.accelerator, notes)
-    _resolve_batch(cfg, world)
+    parallel.resolve_degrees(cfg, world)
+    _resolve_batch(cfg, int(cfg.parallel.data))
     model_key = _resolve_sources(cfg, method)
     method.validate(cfg, notes)
     checks.adapt(cfg, method.adapts_batch, notes)
     _validate_reward(cfg, method, notes)
     _validate_model(cfg, notes, model_key)
     _validate_data(cfg, method)
+    parallel.check(cfg, world, nodes, notes)
     if not isinstance(cfg.lora.r, int) or cfg.lora.r < 0:
         raise ConfigError("lora.r", f"must be a non-negative integer (0 = off), got {cfg.lora.r!r}")
     if cfg.logger.name == "wandb" and cfg.logger.mode not in ("auto", "online", "offline"):

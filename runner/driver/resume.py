@@ -53,6 +53,13 @@ def plan(
                 "keep the global batch: set train.global_batch_size="
                 f"{old['train_batch_size']} (accumulation follows), or resume with the run's layout",
             )
+        for key in ("tensor_parallel", "sequence_parallel_size"):  # AutoTP's checkpoint holds one file per shard
+            if old.get(key) != new.get(key):
+                raise ConfigError(
+                    "resume",
+                    f"the run was trained with {key}={old.get(key)}, this launch would use {new.get(key)}",
+                    "resume with the run's own parallel.tensor and parallel.sequence",
+                )
         was, now = old["zero_optimization"]["stage"], new["zero_optimization"]["stage"]
         same = was == now and _world(old) == _world(new)
         if same:

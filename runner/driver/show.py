@@ -16,11 +16,14 @@ def command(cmd: list[str], env: dict) -> str:
 
 def headline(cfg: DictConfig, world: int, fit: dict) -> str:
     hw, model = fit["hardware"], cfg.model
-    size = fit["model_states"]["num_params"]
+    size = fit.get("num_params") or fit["model_states"]["num_params"]
+    par = fit.get("parallel") or {}
+    data = cfg.get("parallel", {}).get("data") or world
+    layout = "".join(f", {k} parallel {v}" for k, v in par.items() if v > 1)
     return (
         f"plan: {cfg.step.name} of {model.get('name') or model.path} ({_count(size)} parameters) on {world} x "
-        f"{hw['name']} ({hw['device']}), ZeRO-{cfg.zero.stage}, {cfg.precision.dtype}, global batch "
-        f"{cfg.train.micro_batch_size} x {cfg.train.gradient_accumulation_steps} x {world}"
+        f"{hw['name']} ({hw['device']}), ZeRO-{cfg.zero.stage}{layout}, {cfg.precision.dtype}, global batch "
+        f"{cfg.train.micro_batch_size} x {cfg.train.gradient_accumulation_steps} x {data}"
     )
 
 

@@ -102,6 +102,8 @@ def full_state_dict(engine, prefix: str = "") -> dict | None:
 
     if engine.zero_optimization_partition_weights():
         state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank must call it
+    elif engine.autotp_size() > 1:
+        state = engine._consolidated_16bit_state_dict()  # AutoTP's shards gathered (collective too)
     else:
         state = engine.module.state_dict() if dist_comm.get_rank() == 0 else None  # only rank 0 writes
     if state is None:

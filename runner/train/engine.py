@@ -23,14 +23,27 @@ class Dist:
     world: int
     local_rank: int
     device: torch.device
+    tensor: int = 1  # parallel.tensor: consecutive ranks sharing one model's layers (AutoTP)
+    sequence: int = 1  # parallel.sequence: consecutive ranks sharing each sequence (Ulysses)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def data_world(self) -> int:
+        """Data-parallel ranks (parallel.data): the groups that each train on their own batch."""
+        return self.world // (self.tensor * self.sequence)
 
-def init_distributed(threads: int | None) -> Dist:
-    """Join the process group the launcher set up (RANK, WORLD_SIZE, MASTER_ADDR, ... in the environment)."""
+    @property
+    def data_rank(self) -> int:
+        """This rank's group: the ranks of one tensor/sequence-parallel group read the same samples."""
+        return self.rank // (self.tensor * self.sequence)
+
+
+def init_distributed(threads: int | None, parallel: DictConfig | None = None) -> Dist:
+    """Join the process group the launcher set up (RANK, WORLD_SIZE, MASTER_ADDR, ... in the environment);
+    `parallel`: the run's parallel.* degrees."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -56,7 +69,14 @@ def init_distributed(threads: int | None) -> Dist:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    return Dist(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]), local_rank=local_rank, device=device)
+    degrees = {k: int(parallel[k]) for k in ("tensor", "sequence")} if parallel is not None else {}
+    return Dist(
+        rank=int(os.environ["RANK"]),
+        world=int(os.environ["WORLD_SIZE"]),
+        local_rank=local_rank,
+        device=device,
+        **degrees,
+    )
 
 
 def build_lock_note() -> None:
@@ -92,19 +112,19 @@ def param_groups(model: torch.nn.Module, optimizer: DictConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def initialize(model: torch.nn.Module, optimizer: DictConfig, ds_config: dict):
-    """deepspeed.initialize with the optimizer from the JSON (impl=deepspeed) or a client torch AdamW (impl=torch);
-    the LR schedule always comes from the JSON's scheduler block."""
+def initialize(model: torch.nn.Module, optimizer: DictConfig, ds_config: dict, mpu=None):
+    """deepspeed.initialize with the optimizer from the JSON (impl=deepspeed) or a client torch optimizer of the same
+    name (impl=torch: AdamW, Adagrad); the LR schedule always comes from the JSON's scheduler block. `mpu`: Ulysses'
+    sequence-parallel groups (runner.train.parallel)."""
     import deepspeed
 
     groups = param_groups(model, optimizer)
     client = None
     if optimizer.impl == "torch":
-        client = torch.optim.AdamW(
-            groups, lr=float(optimizer.lr), betas=tuple(optimizer.betas), eps=float(optimizer.eps)
-        )
+        own = {"betas": tuple(optimizer.betas)} if optimizer.name == "AdamW" else {}
+        client = getattr(torch.optim, optimizer.name)(groups, lr=float(optimizer.lr), eps=float(optimizer.eps), **own)
     engine, *_ = deepspeed.initialize(
-        model=model, optimizer=client, model_parameters=None if client else groups, config=ds_config
+        model=model, optimizer=client, model_parameters=None if client else groups, config=ds_config, mpu=mpu
     )
     return engine
 
@@ -125,8 +145,11 @@ def grad_norm(engine) -> float | None:
     """The global gradient norm before clipping, where DeepSpeed does not record it itself: a plain optimizer at
     ZeRO stage 0, whose module holds every (already all-reduced, unscaled) gradient at the accumulation boundary.
     DeepSpeed's own wrappers (ZeRO, fp16/bf16 optimizers) record it: None, and the caller reads
-    engine.get_global_grad_norm() after the step (fp16 gradients in .grad are loss-scaled)."""
+    engine.get_global_grad_norm() after the step (fp16 gradients in .grad are loss-scaled); under AutoTP at stage 0
+    DeepSpeed records none either (the log shows no grad_norm)."""
     if engine.zero_optimization_stage() != 0 or hasattr(engine.optimizer, "_global_grad_norm"):
+        return None
+    if engine.autotp_size() > 1:  # the module holds this rank's shards: their norm is not the model's
         return None
     grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0

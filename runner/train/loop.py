@@ -206,7 +206,12 @@ class Supervised:
         self.objective, self.best, self.best_mode, self.headline = objective, best, best_mode, "loss"
         self.gas = int(cfg.train.gradient_accumulation_steps)
         self.cursor = data_batches.Cursor(
-            len(train_set), int(cfg.train.micro_batch_size), dist.world, dist.rank, int(cfg.seed), group=self.gas
+            len(train_set),
+            int(cfg.train.micro_batch_size),
+            dist.data_world,
+            dist.data_rank,
+            int(cfg.seed),
+            group=self.gas,
         )
         self.tokens = 0
         self.speed, self.losses, self.extras = Throughput(), [], {}
@@ -231,7 +236,8 @@ class Supervised:
         dist, speed = self.dist, self.speed
         means = [sum(self.losses) / len(self.losses)] + [sum(v) / len(v) for v in self.extras.values()]
         reduced = eng.all_reduce_sum(means + [speed.tokens, speed.padded, speed.samples], dist.device)
-        tokens, padded, samples = reduced[-3:]
+        # every rank of a tensor/sequence-parallel group counted its group's whole batch
+        tokens, padded, samples = (v / (dist.tensor * dist.sequence) for v in reduced[-3:])
         elapsed = max(time.perf_counter() - speed.start, 1e-9)
         self.tokens += int(tokens)
         values = {
@@ -254,7 +260,7 @@ class Supervised:
         """Change the global batch through gradient accumulation (train.adapt); the micro-batch stays."""
         if gas != self.gas:
             self.gas = self.cursor.group = gas
-            self.engine.set_train_batch_size(gas * self.engine.train_micro_batch_size_per_gpu() * self.dist.world)
+            self.engine.set_train_batch_size(gas * self.engine.train_micro_batch_size_per_gpu() * self.dist.data_world)
 
     def evaluate(self) -> dict:
         return self._evaluate()
@@ -298,9 +304,10 @@ def evaluate_batches(
     engine, dataset, collate, micro: int, dist: Dist, max_batches: int | None, fn: Callable[[dict], dict[str, float]]
 ) -> dict[str, float]:
     """Run `fn` (batch -> sums) over this rank's share of `dataset` and all-reduce the sums. Every rank runs the
-    same number of forward passes, as ZeRO-3 gathers parameters collectively."""
+    same number of forward passes, as ZeRO-3 gathers parameters collectively. The ranks of a tensor- or
+    sequence-parallel group read the same batches (runner.train.parallel)."""
     engine.eval()
-    batches = data_batches.eval_batches(len(dataset), micro, dist.world, dist.rank)
+    batches = data_batches.eval_batches(len(dataset), micro, dist.data_world, dist.data_rank)
     if max_batches:
         batches = batches[:max_batches]
     longest = max(eng.gather_objects(len(batches), dist.world))
@@ -316,7 +323,8 @@ def evaluate_batches(
     keys = eng.gather_objects(keys, dist.world)[0]  # rank 0's keys (every rank with data has the same)
     reduced = eng.all_reduce_sum([sums.get(k, 0.0) for k in keys], dist.device)
     engine.train()
-    return dict(zip(keys, reduced))
+    # the ranks of a tensor-parallel group each hold the whole batch's sums (a sequence-parallel rank: its slice's)
+    return {k: v / dist.tensor for k, v in zip(keys, reduced)}
 
 
 def perplexity(loss: float) -> float:

@@ -21,7 +21,9 @@ def _build(auto_class, model: DictConfig, config, ds_config: dict, dtype: str, g
     for every module of the model, so heads are partitioned with the backbone in the same dtype."""
     from transformers.integrations import HfDeepSpeedConfig
 
-    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    # Under AutoTP the model is built whole and sharded by deepspeed.initialize: zero.Init at construction would parse
+    # the JSON without AutoTP's groups, counting every rank as a data-parallel one (runner.train.parallel).
+    zero3 = ds_config["zero_optimization"]["stage"] == 3 and "tensor_parallel" not in ds_config
     if zero3:
         # zero.Init patches torch.Tensor.__new__; torch._dynamo, imported lazily by transformers while the model is
         # built, checks that signature at import and fails. Import it before entering the context.

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from runner import modeling, rewards
 from runner.data import batches
 from runner.data.prepare import load_prepared
-from runner.train import checkpoint, engine as eng, loop, models, onpolicy, rollout
+from runner.train import checkpoint, engine as eng, loop, models, onpolicy, parallel, rollout
 from runner.train.engine import Dist
 
 
@@ -27,14 +27,19 @@ def run(cfg: DictConfig, run_dir: Path, dist: Dist) -> None:
     model = models.load_causal_lm(
         cfg.model, ds_config, cfg.precision.dtype, cfg.train.gradient_checkpointing, cfg.lora, cfg.lora.r
     )
-    engine = eng.initialize(model, cfg.optimizer, ds_config)
+    mpu = parallel.prepare(model, dist, int(cfg.train.micro_batch_size))  # AutoTP's or Ulysses' groups
+    engine = eng.initialize(model, cfg.optimizer, ds_config, mpu=mpu)
+    sequence_parallel = dist.sequence > 1
     judge, prompts = rollout.make_judge(cfg, run_dir, tokenizer, tokenizer.pad_token_id), onpolicy.Prompts(eval_set)
 
     # 2. the loss, the evaluation and the export
     def loss(batch: dict):
-        return engine(**batch).loss, {}
+        return (parallel.causal_lm_loss(engine, batch) if sequence_parallel else engine(**batch).loss), {}
 
     def token_loss_sums(batch: dict) -> dict[str, float]:
+        if sequence_parallel:  # this rank's slice of each sequence: the evaluation adds up the slices
+            summed, count = parallel.token_loss(engine, batch)
+            return {"loss_sum": float(summed), "tokens": float(count)}
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"][:, 1:]
         summed = torch.nn.functional.cross_entropy(
