@@ -35,6 +35,7 @@ from runner.driver import (
     supervise,
 )
 from runner.driver.job import Finished, Launch, move, prepare
+from runner.driver.verdict import verdict
 from runner.errors import ConfigError
 from runner.overrides import key as key_of, merge, redact
 
@@ -170,8 +171,8 @@ def run_one(cfg: DictConfig, overrides: list[str] | None = None, own_dir: bool =
             f"{run_dir} had written its last checkpoint, its export and its summary before it was stopped: "
             "recorded as completed"
         )
-        for line in outcome_.verdict(summary):
-            print(line)
+        for line in verdict(summary):
+            print(line, file=sys.stderr if line.startswith("warning") else sys.stdout)
         return _objective(summary)
     if job.plan.cfg.dry_run:
         show.plan(job.plan.cfg, job.configs, job.cmd, job.env, job.memory, job.plan.notes + job.notes)
@@ -211,11 +212,14 @@ def _launch(job: Launch, overrides: list[str]) -> float | None:
         slurm.announce(_hydra_dir, attempt, f"launch {run_dir}")
     rundir.write_status(run_dir, "running", overrides, resumed_from=(job.resume or {}).get("tag"))
     print(f"run directory: {run_dir}")
-    print(f"DeepSpeed config: {run_dir / 'ds_config.json'}")
-    print(f"launch: {' '.join(job.cmd)}")
     for note in job.plan.notes + job.notes:
         print(f"note: {note}")
-    sys.stdout.flush()
+    ranks = job.plan.world_size
+    print(
+        f"launching {ranks} rank{'s' * (ranks != 1)} with {job.cmd[0]}: the command is in launch.sh, DeepSpeed's "
+        "config in ds_config.json, and everything the launcher and the ranks print in launch.log",
+        flush=True,
+    )
     start = time.time()
     what = f"resumed from {job.resume['tag']}" if job.resume else "started"
     outcome = supervise.launch(
