@@ -216,7 +216,7 @@ def _validate_data(cfg: DictConfig, method, notes: list[str]) -> None:
             "data.split",
             f"a list gives the shares of sft, reward and ppo (DeepSpeed-Chat's "
             f"data_split), so it needs three numbers, got {raw}",
-            "e.g. data.split=[2,4,4], or name the shares: data.split={sft:2,dpo:8}",
+            "e.g. data.split=[2,4,4], or name the shares: 'data.split={sft:2,dpo:8}'",
         )
     shares = split_shares(raw) if isinstance(raw, (list, dict)) else None
     if (
