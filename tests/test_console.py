@@ -68,6 +68,10 @@ def test_a_failure_shows_the_first_traceback_to_its_last_chained_exception():
     lines = con.failure()
     assert lines[-1] == "ValueError: reward function raises raised ZeroDivisionError"  # not rank 1's lost connection
     assert "ZeroDivisionError: division by zero" in lines and "[rank0]" not in "".join(lines)
+    plain, _, _ = screen()  # (DeepSpeed's launcher passes a rank's lines as they are)
+    for text in TRACEBACK.replace("[rank0]: ", "").replace("[rank0]:", "").splitlines(keepends=True):
+        plain.feed(text)
+    assert plain.failure() == lines
     assert out.getvalue() == err.getvalue() == ""  # shown once, by the driver's record of the failure
 
 

@@ -12,7 +12,7 @@ import sys
 
 from runner import console
 
-RANK_PREFIX = re.compile(r"^(\S+: )?(\[rank\d+\]:\s?)?")  # a multi-node launcher's host, torchrun's rank
+RANK_PREFIX = re.compile(r"^\[rank\d+\]:\s?")  # torchrun's (a host name before it, multi-node, is kept)
 TRACEBACK = "Traceback (most recent call last)"
 SHOWN_LINES = 15  # of a failure's output, at most
 
