@@ -89,8 +89,8 @@ def test_eval_split_is_made_when_a_set_has_none(prepare, tmp_path):
 def test_a_stage_that_takes_a_share_says_so_and_one_override_gives_it_every_row(prepare, one_stage):
     shared, cfg = prepare("step=sft")
     assert data.share_notes(shared, cfg.data.split, "sft") == [
-        "sft trains on its share of data set tiny: 800 of 4000 rows (data.split={sft: 2, reward: 4, ppo: 4} gives "
-        "each stage rows the others never see); for every row: data.split=sft"
+        "sft trains on its share of data set tiny: 800 of 4000 rows (data.split={sft: 2, reward: 4, ppo: 4}: each "
+        "stage gets rows of its own); to train on every row, run it alone with data.split=sft"
     ]
     whole, cfg = prepare("step=sft", one_stage)
     assert whole.counts["train"] == 4000 and data.share_notes(whole, cfg.data.split, "sft") == []

@@ -255,8 +255,8 @@ def share_notes(prepared: Prepared, split: dict, stage: str) -> list[str]:
         rows, taken = sets["train"]["rows"], sets["train"]["slice_rows"]
         if taken < rows:
             notes.append(
-                f"{stage} trains on its share of data set {name}: {taken} of {rows} rows (data.split={{{shares}}} "
-                f"gives each stage rows the others never see); for every row: data.split={share}"
+                f"{stage} trains on its share of data set {name}: {taken} of {rows} rows (data.split={{{shares}}}: "
+                f"each stage gets rows of its own); to train on every row, run it alone with data.split={share}"
             )
     return notes
 
