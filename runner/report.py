@@ -3,6 +3,9 @@ CSV, and plots of throughput, memory and the judged reward gain. `metric`/`value
 (e.g. DPO's preference accuracy); `reward_gain` the judged held-out reward's change for methods that train a policy.
 The plots' x axis is the micro-batch size when the sweep varies it, else the first numeric key it varies (e.g.
 step.rollout.n or step.kl.coef); one line per advantage estimator when the sweep varies it, else per ZeRO stage.
+Each plot has a title, labelled axes and a y axis from zero. A point's throughput is the median over its logging
+intervals after the first (which holds start-up: compilation, allocator warm-up); one measured over fewer than
+MIN_THROUGHPUT_STEPS steps is marked (hollow in the plot, `few steps` in the table): too few to trust.
 
     python -m runner.report outputs/multirun/<sweep>        # (re)generate it from a sweep directory at any time
 
@@ -29,6 +32,7 @@ COLUMNS = [
     "world",
     "tokens_per_s",
     "samples_per_s",
+    "throughput_steps",
     "peak_mem_mb_per_rank",
     "metric",
     "value",
@@ -48,10 +52,22 @@ def _override(overrides: list[str], key: str) -> str | None:
     return None
 
 
+MIN_THROUGHPUT_STEPS = 20  # fewer measured steps than this: the throughput is marked as too few to trust
+
+
 def _median(rows: list[dict], key: str) -> float | None:
     values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
-    values = values[1:] if len(values) > 2 else values  # the first interval holds start-up
+    values = values[1:] if len(values) > 1 else values  # the first interval holds start-up
     return statistics.median(values) if values else None
+
+
+def _measured_steps(train: list[dict]) -> int:
+    """The steps behind a throughput: those logged after the first interval (0 when there is only that one)."""
+    return train[-1]["step"] - train[0]["step"] if train else 0
+
+
+def few_steps(row: dict) -> bool:
+    return row.get("tokens_per_s") is not None and (row.get("throughput_steps") or 0) < MIN_THROUGHPUT_STEPS
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -102,6 +118,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
             train = [r for r in records if "train/tokens_per_s" in r]  # (every method's training rows)
             row["tokens_per_s"] = _median(train, "train/tokens_per_s")
             row["samples_per_s"] = _median(train, "train/samples_per_s")
+            row["throughput_steps"] = _measured_steps(train)
             peaks = [max(r["train/peak_memory_mb"]) for r in train if r.get("train/peak_memory_mb")]
             row["peak_mem_mb_per_rank"] = max(peaks) if peaks else None
         summary = point / "summary.json"
@@ -118,6 +135,22 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value)
+
+
+def _cell(row: dict, column: str) -> str:
+    text = _fmt(row.get(column))
+    return f"{text} (few steps)" if column == "tokens_per_s" and few_steps(row) else text
+
+
+def few_steps_line(rows: list[dict]) -> str:
+    few = [r["point"] for r in rows if few_steps(r)]
+    if not few:
+        return ""
+    return (
+        f"throughput of point {', '.join(few)} is measured over fewer than {MIN_THROUGHPUT_STEPS} steps after the "
+        "first logging interval (which holds start-up): too few to trust; train longer (train.max_steps) to "
+        "compare throughput\n\n"
+    )
 
 
 def _number(value) -> float | None:
@@ -151,36 +184,59 @@ def _x(row: dict, key: str) -> float | None:
     return _number(row.get(key))
 
 
-def _plot(rows: list[dict], key: str, ylabel: str, path: Path) -> bool:
-    import matplotlib
+PLOTS = (  # (row key, y label, file, title)
+    ("tokens_per_s", "tokens / s (median over logged intervals)", "throughput.png", "Training throughput"),
+    ("peak_mem_mb_per_rank", "peak memory per rank (MiB)", "memory.png", "Peak memory per rank"),
+    ("reward_gain", "held-out reward gain (judged)", "reward_gain.png", "Held-out reward: after minus before"),
+)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def figure(rows: list[dict], key: str, ylabel: str, title: str):
+    """One plot of `key` against the sweep's x axis (None when no point has both): a line per series, a title,
+    labelled axes, y from zero (and the x axis too when it is linear); a throughput from too few steps is hollow."""
+    from matplotlib.figure import Figure  # (no pyplot: nothing global to close)
+    from matplotlib.ticker import ScalarFormatter
 
     x_key, x_label, series = axes(rows)
-    lines: dict[Any, list[tuple[float, float]]] = {}
+    lines: dict[Any, list[tuple[float, float, bool]]] = {}
     for r in rows:
         x, y = _x(r, x_key), r.get(key)
         if x is not None and isinstance(y, (int, float)):
-            lines.setdefault(r.get(series), []).append((x, y))
+            lines.setdefault(r.get(series), []).append((x, y, key == "tokens_per_s" and few_steps(r)))
     if not lines:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4))
+        return None
+    fig = Figure(figsize=(6, 4.4))
+    ax = fig.subplots()
     for name, points in sorted(lines.items(), key=lambda kv: str(kv[0])):
         points.sort()
         label = f"ZeRO-{name}" if series == "zero" else str(name)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        line = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)[0]
+        few = [p for p in points if p[2]]
+        if few:  # hollow: too few steps to trust
+            ax.plot([p[0] for p in few], [p[1] for p in few], "o", mfc="white", mec=line.get_color(), zorder=3)
     xs = {p[0] for points in lines.values() for p in points}
     if x_key == "micro_batch" or (min(xs) > 0 and max(xs) / min(xs) >= 8):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(xs))
+        ax.xaxis.set_major_formatter(ScalarFormatter())  # 1, 2, 4 (not 2^0, 2^1, 2^2)
+    elif min(xs) >= 0:
+        ax.set_xlim(left=0, right=max(xs) * 1.05 or 1)
+    ys = [p[1] for points in lines.values() for p in points]
+    low, high = min(0.0, min(ys)), max(0.0, max(ys))
+    pad = (high - low) * 0.08 or 1.0
+    ax.set_ylim(low - (pad if low < 0 else 0), high + pad)  # from zero (below it when a value is negative)
+    if low < 0:
+        ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_title(title)
     ax.set_xlabel(x_label)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    ax.legend(title="advantage estimator" if series == "estimator" else None)
+    if any(p[2] for points in lines.values() for p in points):
+        note = f"hollow: measured over fewer than {MIN_THROUGHPUT_STEPS} steps, too few to trust"
+        fig.text(0.01, 0.01, note, fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
 
 
 def write(sweep_dir: Path) -> Path | None:
@@ -216,23 +272,20 @@ def write(sweep_dir: Path) -> Path | None:
         writer.writerows(rows)
     head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
     body = "\n".join(
-        "| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|").replace("\n", " ") for c in COLUMNS) + " |" for r in rows
+        "| " + " | ".join(_cell(r, c).replace("|", "\\|").replace("\n", " ") for c in COLUMNS) + " |" for r in rows
     )
     counts = {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})}
-    plots = [
-        name
-        for key, label, name in (
-            ("tokens_per_s", "tokens / s", "throughput.png"),
-            ("peak_mem_mb_per_rank", "peak memory per rank (MiB)", "memory.png"),
-            ("reward_gain", "held-out reward gain (judged)", "reward_gain.png"),
-        )
-        if _plot(rows, key, label, sweep_dir / name)
-    ]
+    plots = []
+    for key, label, name, title in PLOTS:
+        if (fig := figure(rows, key, label, title)) is not None:
+            fig.savefig(sweep_dir / name, dpi=100)
+            plots.append(name)
     text = (
         f"# Sweep report: {sweep_dir}\n\n"
         + ", ".join(f"{n} {s}" for s, n in counts.items())
         + "\n\n"
         + best_line(rows)
+        + few_steps_line(rows)
         + head
         + "\n"
         + body

@@ -70,24 +70,24 @@ def sft_run(sft_runs):
 
 @pytest.fixture(scope="session")
 def sft_runs(tmp_path_factory):
-    """SFT runs (40 steps) shared by the tests that need the same run: runs(zero, ranks) -> run directory."""
+    """SFT runs (40 steps) shared by the tests that need the same run: runs(zero, ranks) -> run directory;
+    runs.console(zero, ranks) -> what the command printed (its CompletedProcess)."""
     from tests.helpers import QUICK, run_cli, run_dir_of
 
     done = {}
 
-    def get(zero: str, ranks: int = 1):
+    def proc(zero: str, ranks: int = 1):
         if (zero, ranks) not in done:
             extra = ["deployment=cpu", f"deployment.nproc_per_node={ranks}", f"train.micro_batch_size={8 // ranks}"]
-            done[zero, ranks] = run_dir_of(
-                run_cli(
-                    tmp_path_factory.mktemp(f"sft_{zero}_{ranks}"),
-                    f"zero={zero}",
-                    *(extra if ranks > 1 else []),
-                    *QUICK,
-                )
+            done[zero, ranks] = run_cli(
+                tmp_path_factory.mktemp(f"sft_{zero}_{ranks}"), f"zero={zero}", *(extra if ranks > 1 else []), *QUICK
             )
         return done[zero, ranks]
 
+    def get(zero: str, ranks: int = 1):
+        return run_dir_of(proc(zero, ranks))
+
+    get.console = proc
     return get
 
 

@@ -43,6 +43,16 @@ def run_dir_of(proc: subprocess.CompletedProcess) -> Path:
     return Path(match.group(1))
 
 
+PROGRESS_BAR = re.compile(r"^\S+:\s+\d+%\|")  # tqdm's `sft:  50%|█████     | 20/40 ...`
+
+
+def console_lines(text: str) -> tuple[list[str], list[str]]:
+    """What a terminal shows of a command's output: (lines, progress-bar lines), blank lines left out (a bar's redraw
+    and its clearing are lines of their own once captured)."""
+    shown = [line.rstrip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    return [x for x in shown if not PROGRESS_BAR.match(x)], [x for x in shown if PROGRESS_BAR.match(x)]
+
+
 def metrics(run_dir: Path, key: str) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r[key] for r in rows if key in r}

@@ -85,6 +85,55 @@ def test_eval_split_is_made_when_a_set_has_none(prepare, tmp_path):
     assert again.stats["cache"] != prepared.stats["cache"]
 
 
+@pytest.mark.parametrize("one_stage", ["data.split=sft", "data.split=sft_only", "data.split={sft:1}"])
+def test_a_stage_that_takes_a_share_says_so_and_one_override_gives_it_every_row(prepare, one_stage):
+    shared, cfg = prepare("step=sft")
+    assert data.share_notes(shared, cfg.data.split, "sft") == [
+        "sft trains on its share of data set tiny: 800 of 4000 rows (data.split={sft: 2, reward: 4, ppo: 4}: each "
+        "stage gets rows of its own); to train on every row, run it alone with data.split=sft"
+    ]
+    whole, cfg = prepare("step=sft", one_stage)
+    assert whole.counts["train"] == 4000 and data.share_notes(whole, cfg.data.split, "sft") == []
+    assert dict(cfg.data.split) == {"sft": 1}
+
+
+def test_a_stage_without_a_share_is_told_the_short_form(prepare):
+    with pytest.raises(ConfigError) as err:
+        prepare("step=reward", "data.split=sft")
+    assert err.value.where == "data.split" and "data.split=reward" in err.value.fix
+
+
+# ------------------------------------------------------------------------------------------------ templates, fields
+def test_a_newline_typed_in_a_template_is_a_newline(compose, tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "q", "response": "a"}] * 20)
+    common = ["data=local", f"data.sets.local.path={path}", "data.sets.local.sft_target=response"]
+    plan = make_plan(compose([*common, r"data.sets.local.template='Q: {prompt}\nA:'"]), CPU)  # as a shell passes it
+    assert plan.cfg.data.sets.local.template == "Q: {prompt}\nA:"
+    assert "data.sets.local.template: read each typed \\n as a newline: 'Q: {prompt}\\nA:'" in plan.notes
+    plain = make_plan(compose([*common, "data.sets.local.template='Q: {prompt} A:'"]), CPU)
+    assert not [n for n in plain.notes if "newline" in n]
+    for bad, problem in (("'{prompt} {answer}'", "other than {prompt}: ['answer']"), ("'{prompt'", "not a valid")):
+        with pytest.raises(ConfigError) as err:
+            make_plan(compose([*common, f"data.sets.local.template={bad}"]), CPU)
+        assert err.value.where == "data.sets.local.template" and problem in err.value.problem
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_a_field_no_row_has_is_named_with_the_files_columns(prepare, tmp_path, policy):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(20)])
+    args = ["data=local", f"data.sets.local.path={path}", "data.split=sft", f"data.bad_rows={policy}"]
+    with pytest.raises(ConfigError) as err:
+        prepare(*args, "data.sets.local.sft_target=answer")
+    assert err.value.where == "data.sets.local.fields.prompt"
+    assert f"no row of {path} has the field 'prompt'; its columns are: question, answer" in err.value.problem
+    assert "data.sets.local.fields.prompt=<column>" in err.value.fix
+    with pytest.raises(ConfigError) as err:  # the column SFT learns, when it is not a mapped role
+        prepare(*args, "data.sets.local.fields.prompt=question", "data.sets.local.sft_target=reply")
+    assert err.value.where == "data.sets.local.sft_target" and "question, answer" in err.value.problem
+    mapped, _ = prepare(*args, "data.sets.local.fields.prompt=question", "data.sets.local.sft_target=answer")
+    assert mapped.counts["train"] + mapped.counts["eval"] == 20
+
+
 # ------------------------------------------------------------------------------------------------ blending
 def test_blend_respects_weights_and_sft_only(prepare, tmp_path):
     extra = write_jsonl(tmp_path / "extra.jsonl", tiny_rows(1000))

@@ -36,7 +36,7 @@ def test_wandb_offline_keeps_every_metric_and_no_secret_in_run_dir(tmp_path):
     train, evals = logged_steps(run_dir)
     assert {s for s, keys in history.items() if "train/loss" in keys} == train
     assert {s for s, keys in history.items() if {"eval/loss", "eval/perplexity"} <= keys} == evals
-    assert "Tried to log to step" not in proc.stdout + proc.stderr
+    assert "Tried to log to step" not in (run_dir / "launch.log").read_text()  # (wandb's warning, from the rank)
     for path in run_dir.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), f"secret written to {path}"

@@ -116,4 +116,6 @@ def test_a_reward_function_that_raises_stops_the_run_naming_it(tmp_path):
     assert status["status"] == "failed"
     assert "reward function raises raised ZeroDivisionError: division by zero" in status["reason"], status["reason"]
     assert "the first for" in status["reason"] and "reward function raises" in proc.stderr
+    tail = proc.stderr[proc.stderr.index("the ranks' last output") :]  # the traceback's end, and where the rest is
+    assert str(run / "launch.log") in tail and "ZeroDivisionError" in tail and "[INFO]" not in tail
     assert not (run / "export").exists()

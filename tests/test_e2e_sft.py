@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from runner import shm
-from tests.helpers import checkpoint_state, metrics, summary
+from tests.helpers import checkpoint_state, console_lines, metrics, run_dir_of, summary
 
 pytestmark = pytest.mark.e2e
 
@@ -55,6 +55,30 @@ def test_sft_two_ranks(sft_runs, zero):
         # each rank holds about half of the parameters (DeepSpeed pads partitions to equal size)
         assert len(shards) == 2 and all(0.45 * num_params < n < 0.6 * num_params for n in shards), (shards, num_params)
         check_export_matches_checkpoint(run_dir)
+
+
+def test_the_console_shows_the_runners_lines_one_progress_bar_and_a_verdict(sft_runs):
+    """The default short run's console: the runner's own lines (under 40), one progress bar with the loss, the
+    evaluations and a verdict; DeepSpeed's launcher lines, library reports and other progress bars are only in
+    launch.log, which holds everything."""
+    proc = sft_runs.console("stage0")
+    run = run_dir_of(proc)
+    lines, bars = console_lines(proc.stdout + proc.stderr)
+    assert len(lines) <= 40, "\n".join(lines)
+    assert bars and all(b.startswith("sft:") for b in bars) and "loss=" in bars[-1] and "40/40" in bars[-1]
+    noise = ("[INFO]", "[WARNING]", "Writing model shards", "@@runner", "deepspeed.launcher.launch")
+    assert not [x for x in lines if any(n in x for n in noise)], "\n".join(lines)
+    s, log = summary(run), (run / "launch.log").read_text()
+    evals = metrics(run, "eval/loss")
+    for step, loss in evals.items():
+        assert f"step {step}: eval loss {loss:.4f}" in proc.stdout  # on the console, and in the log
+        assert f"step {step}: eval loss {loss:.4f}" in log
+    assert "Unable to find hostfile" in log and "Writing model shards" in log  # (DeepSpeed's and transformers')
+    first = s["eval_first"]
+    assert first["step"] == 20 and first["loss"] == pytest.approx(evals[20])
+    verdict = f"held-out loss: {s['eval_loss']:.4g} (from {first['loss']:.4g} at step 20: "
+    assert verdict in lines[-1] and "better" in lines[-1] and "perplexity" in lines[-1], lines[-2:]
+    assert lines[-2].startswith("done in ") and "warning" not in proc.stderr
 
 
 def check_export_matches_checkpoint(run_dir):

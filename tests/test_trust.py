@@ -349,6 +349,45 @@ def test_sweep_report_plots_one_line_per_estimator(tmp_path):
     assert report.axes(zero_rows) == ("micro_batch", "micro-batch size per device", "zero")
 
 
+def test_sweep_plots_have_titles_labelled_axes_from_zero_and_mark_a_throughput_from_few_steps(tmp_path):
+    """Two points of a micro-batch sweep: one trained 100 steps, one 10 (its throughput is one interval after the
+    start-up one: too few steps to trust, marked in the table, the report and the plot)."""
+    from runner import report
+
+    for i, (micro, steps, gain) in enumerate([(2, 100, 0.2), (4, 10, -0.1)]):
+        point = tmp_path / str(i)
+        point.mkdir()
+        overrides = [f"train.micro_batch_size={micro}"]
+        (point / "status.json").write_text(json.dumps({"status": "completed", "overrides": overrides}))
+        train = [
+            {"step": s, "train/tokens_per_s": 1000.0 * micro + s, "train/peak_memory_mb": [100.0 * micro]}
+            for s in range(5, steps + 1, 5)
+        ]
+        (point / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+        s = {"objective_name": "reward_mean", "objective": 1.0, "eval_reward_gain": gain}
+        (point / "summary.json").write_text(json.dumps(s))
+    text = report.write(tmp_path).read_text()
+    rows = list(csv.DictReader(open(tmp_path / "report.csv")))
+    assert [r["throughput_steps"] for r in rows] == ["95", "5"]
+    assert float(rows[0]["tokens_per_s"]) == 2000 + 55  # the median of the intervals after the first (10..100)
+    assert "| 4010 (few steps) |" in text and "(few steps)" not in text.split("| 4010")[0]
+    assert f"throughput of point 1 is measured over fewer than {report.MIN_THROUGHPUT_STEPS} steps" in text
+    for key, ylabel, name, title in report.PLOTS:
+        fig = report.figure(report.collect(tmp_path), key, ylabel, title)
+        ax = fig.axes[0]
+        assert ax.get_title() == title and ax.get_ylabel() == ylabel
+        assert ax.get_xlabel() == "micro-batch size per device"
+        low, high = ax.get_ylim()
+        assert low == 0 if key != "reward_gain" else low < -0.1 < 0 < 0.2 < high  # from zero, or spanning it
+        hollow = [line for line in ax.lines if line.get_markerfacecolor() == "white"]
+        notes = [t.get_text() for t in fig.texts]
+        if key == "tokens_per_s":
+            assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [4.0] and "too few to trust" in notes[0]
+        else:
+            assert not hollow and not notes
+        assert (tmp_path / name).stat().st_size > 1000
+
+
 def test_shm_release_removes_only_its_own_process_groups_buffers():
     """runner.shm: the buffers of one MASTER_PORT (any address, any rank, or one rank) go; another port's stay."""
     from runner import shm

@@ -247,6 +247,20 @@ def prepare(cfg: DictConfig, method, tokenizer: Callable, cache_root: Path, buil
     )
 
 
+def share_notes(prepared: Prepared, split: dict, stage: str) -> list[str]:
+    """One line per data set of which the stage trains on a share only (data.split), and how to give it all."""
+    share, notes = prepared.stats["share"], []
+    shares = ", ".join(f"{k}: {v:g}" for k, v in split.items())
+    for name, sets in prepared.stats["sets"].items():
+        rows, taken = sets["train"]["rows"], sets["train"]["slice_rows"]
+        if taken < rows:
+            notes.append(
+                f"{stage} trains on its share of data set {name}: {taken} of {rows} rows (data.split={{{shares}}}: "
+                f"each stage gets rows of its own); to train on every row, run it alone with data.split={share}"
+            )
+    return notes
+
+
 def prepare_text_blocks(spec: DictConfig, key: str, tokenizer, block: int, cache_root: Path) -> dict:
     """A text data set (spec: path, config_name, split, field) tokenised with an eos after each text, concatenated
     and cut into blocks of `block` tokens (as DeepSpeed-Chat groups pretraining text). Cached like `prepare`."""

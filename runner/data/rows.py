@@ -87,8 +87,38 @@ def normalize(row: dict, ds: DictConfig, kind: str) -> dict[str, str]:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "target": target, "extra": extra}
 
 
+def read_fields(ds: DictConfig, kind: str) -> dict[str, str]:
+    """The fields rows of `kind` read from this data set: {the key that maps it: its (dotted) field}."""
+    f, key = ds.fields, "fields."
+    if ds.format == "embedded":
+        roles = ["chosen", "rejected"]
+    elif ds.format == "scored":
+        roles = ["prompt", "answer_a", "answer_b", *(["label"] if f.get("label") else ["score_a", "score_b"])]
+    else:
+        roles = ["prompt", *(["chosen", "rejected"] if kind == "pairs" else [])]
+    read = {key + r: f[r] for r in roles}
+    if kind == "sft" and not (ds.sft_target in ("chosen", "rejected") and ds.format != "pairs"):
+        target = ds.sft_target
+        read.update({key + target: f[target]} if target in f else {"sft_target": target})
+    return {**read, **{key + r: dotted for r, dotted in f.items() if r not in ROLES}}
+
+
+def check_columns(split, name: str, ds: DictConfig, kind: str, where: str) -> None:
+    """A mapped field that no row has (the file's layout is another) is named with the columns the file has."""
+    columns = [c for c in split.column_names if c != "__row__"]
+    for key, dotted in read_fields(ds, kind).items():
+        if dotted and str(dotted).split(".")[0] not in columns:
+            raise ConfigError(
+                f"data.sets.{name}.{key}",
+                f"no row of {where} has the field {dotted!r}; its columns are: {', '.join(columns)}",
+                f"map it to one of them: data.sets.{name}.{key}=<column>",
+            )
+
+
 def normalize_split(split, name: str, ds: DictConfig, kind: str, policy: str, where: str):
     """A split's rows normalised; bad rows stop the run (policy error) or are dropped and counted (skip)."""
+    if len(split):
+        check_columns(split, name, ds, kind, where)
 
     def fn(batch: dict) -> dict:
         out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "target": [], "extra": [], "bad": []}

@@ -92,7 +92,7 @@ def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False, worker: s
     scrub(secret_values)
 
     from runner import modeling
-    from runner.data.prepare import prepare as prepare_data
+    from runner.data.prepare import prepare as prepare_data, share_notes
 
     # checks that need no data first: data preparation writes the shared cache
     ds_check.check(p.cfg, method.engine_configs(p.cfg, p.world_size, 1, str(run_dir)), raw_ds_keys)
@@ -136,6 +136,8 @@ def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False, worker: s
     else:
         prepared = prepare_data(p.cfg, method, tokenizer, cache)
         extra = method.prepare_extra(p.cfg, tokenizer, cache)
+    if prepared:
+        notes += share_notes(prepared, p.cfg.data.split, method.name)
     samples, key, what = method.step_samples(p.cfg, p.world_size)
     steps_per_epoch = prepared.counts["train"] // samples if prepared else 0
     total = int(p.cfg.train.max_steps) if p.cfg.train.max_steps else int(p.cfg.train.epochs) * steps_per_epoch

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from runner import manifest
 from runner.driver import artifacts, rundir, supervise
+from runner.driver.verdict import verdict
 
 PREEMPTED = 75  # EX_TEMPFAIL: stopped with a checkpoint on request; run it again (resume=) to continue
 
@@ -36,6 +37,9 @@ def record(run_dir: Path, overrides: list[str], outcome: supervise.Outcome, wall
     if outcome.rc != 0:
         state, disk = ("aborted" if outcome.aborted else "failed"), disk_note(run_dir)
         status(run_dir, state, overrides, reason=f"exit code {outcome.rc}: {outcome.reason}{disk}", wall_time_s=wall)
+        if outcome.last_lines and not outcome.aborted:
+            print(f"the ranks' last output (all of it: {run_dir / 'launch.log'}):", file=sys.stderr)
+            print("".join(f"  | {line}\n" for line in outcome.last_lines), end="", file=sys.stderr)
         print(
             f"error: the launcher exited with code {outcome.rc} after {wall:.0f} s ({outcome.reason}); see "
             f"{run_dir / 'launch.log'}{disk}",
@@ -64,33 +68,6 @@ def record(run_dir: Path, overrides: list[str], outcome: supervise.Outcome, wall
         except (OSError, ValueError, KeyError) as exc:  # the run itself is done and recorded
             print(f"note: could not write the {what} ({type(exc).__name__}: {exc})", file=sys.stderr)
     return summary
-
-
-def verdict(summary: dict, stage: str = "") -> list[str]:
-    """Did it work? The held-out metric, and for a method that trains a policy its judge's mean score of answers to
-    held-out prompts before and after (a warning when it fell)."""
-    who, lines = f"{stage}: " if stage else "", []
-    name, value = summary.get("objective_name"), summary.get("objective")
-    if isinstance(value, (int, float)) and name != "reward_mean":
-        lines.append(f"{who}held-out {name}: {value:.4g}")
-    gain = summary.get("eval_reward_gain")
-    if isinstance(gain, (int, float)):
-        judge = summary.get("eval_judge") or "the judge"
-        lines.append(
-            f"{who}held-out reward ({judge}): {summary['eval_reward_initial']:.3f} before training -> "
-            f"{summary['eval_reward_final']:.3f} after ({gain:+.3f})"
-        )
-        if isinstance(summary.get("eval_pass_rate_final"), (int, float)):
-            lines.append(
-                f"{who}held-out pass rate: {summary['eval_pass_rate_initial']:.3f} before training -> "
-                f"{summary['eval_pass_rate_final']:.3f} after"
-            )
-        if gain < 0:
-            lines.append(
-                f"warning: {who}the trained policy's answers to held-out prompts score lower than its starting "
-                f"point's ({gain:+.3f} by {judge}): it got worse; see eval/reward_mean in metrics.jsonl"
-            )
-    return lines
 
 
 def status(run_dir: Path, state: str, overrides: list[str], **extra) -> None:

@@ -19,7 +19,8 @@ import yaml
 from omegaconf import DictConfig, open_dict
 
 from runner import stages as methods
-from runner.driver import outcome, rundir
+from runner.driver import rundir
+from runner.driver.verdict import verdict
 from runner.errors import ConfigError
 from runner.overrides import key as key_of, merge, redact
 
@@ -195,7 +196,7 @@ def _run_stages(cfg: DictConfig, stages: list[str], per_stage: dict, pipeline_di
     print(f"\npipeline done: {pipeline_dir}")
     for name in stages:
         done = results.get(name, {}).get("summary") or {}
-        for line in outcome.verdict(done, name):
+        for line in verdict(done, name):
             print(line, file=sys.stderr if line.startswith("warning") else sys.stdout)
         if done.get("export_dir"):
             print(f"{name}: model {done['export_dir']}")

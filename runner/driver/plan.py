@@ -182,7 +182,8 @@ def _validate_model(cfg: DictConfig, notes: list[str], key: str = "model.path") 
     model.num_params = model.largest_layer_params = None  # counted from this architecture
 
 
-def _validate_data(cfg: DictConfig, method) -> None:
+def _validate_data(cfg: DictConfig, method, notes: list[str]) -> None:
+    from runner.data import templates
     from runner.data.prepare import DS_CHAT_SPLIT, split_shares
 
     data = cfg.data
@@ -191,12 +192,14 @@ def _validate_data(cfg: DictConfig, method) -> None:
     if data.split is None:
         data.split = dict(zip(DS_CHAT_SPLIT, (2, 4, 4)))
     raw = OmegaConf.to_container(data.split) if OmegaConf.is_config(data.split) else data.split
+    if isinstance(raw, str) and raw.strip():  # data.split=sft (or sft_only): every row of every set to that share
+        raw = {raw.strip().removesuffix("_only"): 1}
     if isinstance(raw, list) and len(raw) != 3:
         raise ConfigError(
             "data.split",
             f"a list gives the shares of sft, reward and ppo (DeepSpeed-Chat's "
             f"data_split), so it needs three numbers, got {raw}",
-            "e.g. data.split=[2,4,4], or name the shares: data.split={sft:2,dpo:8}",
+            "e.g. data.split=[2,4,4], or name the shares: 'data.split={sft:2,dpo:8}'",
         )
     shares = split_shares(raw) if isinstance(raw, (list, dict)) else None
     if (
@@ -207,7 +210,8 @@ def _validate_data(cfg: DictConfig, method) -> None:
         raise ConfigError(
             "data.split",
             f"must map stage names to non-negative shares, got {raw}",
-            "e.g. data.split={sft:2,reward:4,ppo:4} or DeepSpeed-Chat's data.split=[2,4,4]",
+            "e.g. 'data.split={sft:2,reward:4,ppo:4}', DeepSpeed-Chat's data.split=[2,4,4], or data.split=sft "
+            "(every row to one stage)",
         )
     data.split = shares
     share = next((k for k in method.share_keys() if k in shares), None)
@@ -216,7 +220,8 @@ def _validate_data(cfg: DictConfig, method) -> None:
             "data.split",
             f"has no share for the {method.name} stage (it reads "
             f"{' or '.join(method.share_keys())}; data.split is {shares})",
-            f"add one, e.g. data.split={{sft:2,{method.share_keys()[0]}:8}}",
+            f"add one, e.g. 'data.split={{sft:2,{method.share_keys()[0]}:8}}', or give this stage every row: "
+            f"data.split={method.share_keys()[0]}",
         )
     if shares[share] == 0 and any(not ds.sft_only for ds in data.sets.values()):
         raise ConfigError(
@@ -254,12 +259,7 @@ def _validate_data(cfg: DictConfig, method) -> None:
             raise ConfigError(f"{key}.format", f"unknown format {ds.format!r}", "use pairs, scored or embedded")
         if not isinstance(ds.weight, (int, float)) or ds.weight <= 0:
             raise ConfigError(f"{key}.weight", f"must be a positive number, got {ds.weight!r}")
-        if "{prompt}" not in str(ds.template):
-            raise ConfigError(
-                f"{key}.template",
-                f"{ds.template!r} has no {{prompt}} placeholder",
-                "e.g. '\\n\\nHuman: {prompt}\\n\\nAssistant:'",
-            )
+        templates.check(ds, key, notes)
 
 
 def resolved_copy(cfg: DictConfig) -> DictConfig:
@@ -299,7 +299,7 @@ def make_plan(cfg: DictConfig, hw: Hardware | None = None) -> Plan:
     checks.adapt(cfg, method.adapts_batch, notes)
     _validate_reward(cfg, method, notes)
     _validate_model(cfg, notes, model_key)
-    _validate_data(cfg, method)
+    _validate_data(cfg, method, notes)
     parallel.check(cfg, world, nodes, notes)
     if not isinstance(cfg.lora.r, int) or cfg.lora.r < 0:
         raise ConfigError("lora.r", f"must be a non-negative integer (0 = off), got {cfg.lora.r!r}")

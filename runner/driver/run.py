@@ -35,6 +35,7 @@ from runner.driver import (
     supervise,
 )
 from runner.driver.job import Finished, Launch, move, plan_fit, prepare
+from runner.driver.verdict import verdict
 from runner.errors import ConfigError
 from runner.overrides import key as key_of, merge, redact
 
@@ -195,8 +196,8 @@ def execute(
             f"{run_dir} had written its last checkpoint, its export and its summary before it was stopped: "
             "recorded as completed"
         )
-        for line in outcome_.verdict(summary):
-            print(line)
+        for line in verdict(summary):
+            print(line, file=sys.stderr if line.startswith("warning") else sys.stdout)
         return run_dir, summary
     if job.plan.cfg.dry_run:  # the plan's files are written, its summary printed; nothing is launched
         _write(job, overrides)
@@ -269,12 +270,15 @@ def _launch(job: Launch, overrides: list[str]) -> dict:
         slurm.announce(_hydra_dir, attempt, f"launch {run_dir}")
     rundir.write_status(run_dir, "running", overrides, resumed_from=(job.resume or {}).get("tag"))
     print(f"run directory: {run_dir}")
-    print(f"DeepSpeed config: {run_dir / 'ds_config.json'}")
-    print(f"{show.verdict_lines(job.fit)[0]}; plan: {run_dir / 'plan.md'}")
-    print(f"launch: {' '.join(job.cmd)}")
+    print(f"{show.verdict_lines(job.fit)[0]}; the plan: {run_dir / 'plan.md'}")
     for note in job.plan.notes + job.notes:
         print(f"note: {note}")
-    sys.stdout.flush()
+    ranks = job.plan.world_size
+    print(
+        f"launching {ranks} rank{'s' * (ranks != 1)} with {job.cmd[0]}: the command is in launch.sh, DeepSpeed's "
+        "config in ds_config.json, and everything the launcher and the ranks print in launch.log",
+        flush=True,
+    )
     began = time.time()
     what = f"resumed from {job.resume['tag']}" if job.resume else "started"
     outcome = supervise.launch(

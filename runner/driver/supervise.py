@@ -1,4 +1,5 @@
-"""Running the launcher and watching it: its output to the console and launch.log, a stop request passed on to the
+"""Running the launcher and watching it: its output to launch.log and what the ranks mark for the user to the console
+(runner.driver.console), a stop request passed on to the
 ranks (the first Ctrl-C or SIGTERM: they finish the step, save a checkpoint and exit; the second: everything is
 killed at once), and, when it fails, which rank failed and how.
 
@@ -21,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from runner.driver.console import Console
+
 ERROR_LINE = re.compile(r"(Error|error:|Killed|out of memory|OOM|Traceback)")
 RETURN_CODE = re.compile(r"exits with return code = (-?\d+)")
 SECONDARY = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL", "gloo", "Timed out")
@@ -33,6 +36,7 @@ class Outcome:
     stop_requested: str | None = None  # the signal that asked the run to stop (SIGINT / SIGTERM / SIGUSR2)
     aborted: bool = False  # a second signal killed everything
     log_lost: str | None = None  # why launch.log is incomplete (a full disk)
+    last_lines: list[str] = dataclasses.field(default_factory=list)  # what a failed run printed last (its traceback)
 
 
 class _Stopper:
@@ -92,12 +96,12 @@ def resolve(cmd: list[str], env: dict) -> tuple[list[str] | None, dict]:
 
 
 def launch(cmd: list[str], env: dict, run_dir: Path, header: str) -> Outcome:
-    """Run the launcher, echoing its output and appending it to launch.log; return how it ended."""
+    """Run the launcher, appending its output to launch.log and drawing the console from it; return how it ended."""
     cmd, env = resolve(cmd, env)
     if cmd is None:
         return Outcome(127, "the launcher was not found on PATH: activate the environment runner is installed in")
     log_path, lost, last_error, codes = run_dir / "launch.log", None, "", []
-    stopper = _Stopper(run_dir)
+    stopper, screen = _Stopper(run_dir), Console()
     try:
         log = open(log_path, "a")
         log.write(header + "\n")
@@ -109,13 +113,13 @@ def launch(cmd: list[str], env: dict, run_dir: Path, header: str) -> Outcome:
         ) as proc:
             stopper.proc = proc
             for line in proc.stdout:
-                sys.stdout.write(line)
                 if log is not None:
                     try:
                         log.write(line)
-                    except OSError as exc:  # the disk is full: keep echoing, say so at the end
+                    except OSError as exc:  # the disk is full: the console shows everything, and says so at the end
                         lost = exc.strerror if exc.errno != errno.ENOSPC else "no space left on device"
                         log = None
+                screen.feed(line, echo=log is None)
                 if ERROR_LINE.search(line) and "Traceback" not in line:
                     last_error = line.strip().removeprefix("[rank0]: ").removeprefix("[rank1]: ")
                 codes += [int(c) for c in RETURN_CODE.findall(line)]
@@ -126,6 +130,7 @@ def launch(cmd: list[str], env: dict, run_dir: Path, header: str) -> Outcome:
                 except (ProcessLookupError, PermissionError):
                     pass
     finally:
+        screen.close()
         stopper.restore()
         if log is not None:
             try:
@@ -133,7 +138,7 @@ def launch(cmd: list[str], env: dict, run_dir: Path, header: str) -> Outcome:
             except OSError as exc:
                 lost = exc.strerror
     reason = "" if rc == 0 else diagnose(run_dir, last_error, codes)
-    return Outcome(rc, reason, stopper.requested, stopper.aborted, lost)
+    return Outcome(rc, reason, stopper.requested, stopper.aborted, lost, screen.failure() if rc else [])
 
 
 def rank_records(run_dir: Path) -> list[dict]:

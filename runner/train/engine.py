@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from runner import shm
+from runner import console, shm
 
 
 @dataclasses.dataclass
@@ -85,11 +84,10 @@ def build_lock_note() -> None:
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
     for lock in root.glob("*/deepspeed_shm_comm/lock"):
         age = time.time() - lock.stat().st_mtime
-        print(
+        console.line(
             f"note: waiting for DeepSpeed's CPU communication op to be compiled (lock {lock}, {age:.0f} s old). "
             f"If no other process is compiling it (an interrupted compile leaves the lock behind), remove {lock}.",
-            file=sys.stderr,
-            flush=True,
+            err=True,
         )
 
 

@@ -48,7 +48,7 @@ class Task(Protocol):
 def run(task: Task, cfg: DictConfig, run_dir: Path, dist: Dist) -> dict | None:
     train_cfg, total = cfg.train, int(cfg.runtime.total_steps)
     life = lifecycle.current()
-    loop = {"step": 0, "best": None, "eval_initial": None, "eval_last": None}
+    loop = {"step": 0, "best": None, "eval_initial": None, "eval_first": None, "eval_last": None}
     steady_mb = None  # what is held after a step: the model states (optimizer state exists from the first step)
     if cfg.resume:
         state, rank_state = checkpoint.load(task.engines, run_dir, cfg.runtime.resume, dist, int(cfg.seed))
@@ -58,9 +58,8 @@ def run(task: Task, cfg: DictConfig, run_dir: Path, dist: Dist) -> dict | None:
         if dist.main:  # what an attempt logged after its checkpoint is replaced by what this one logs
             run_metrics.trim(run_dir, loop["step"])
     metrics = Metrics(run_dir, dist, cfg, total, loop["step"])
-    if dist.main:
-        for note in task.notes() + _wandb_note(cfg):
-            metrics.bar.write(note)
+    for note in task.notes() + _wandb_note(cfg):
+        metrics.note(note)
 
     def save(step: int, keep_last: int, tag: str | None = None) -> None:
         checkpoint.save(
@@ -76,6 +75,7 @@ def run(task: Task, cfg: DictConfig, run_dir: Path, dist: Dist) -> dict | None:
 
     if task.evaluate_first and loop["eval_initial"] is None:
         loop["eval_initial"] = loop["eval_last"] = task.evaluate()  # the starting model, before any step
+        loop["eval_first"] = {"step": 0, **loop["eval_initial"]}
         metrics.log(0, loop["eval_initial"], prefix="eval")
     adapting = adapt.attach(task, cfg, loop, dist) if cfg.train.adapt.enabled else None  # train.adapt
     started, step = time.time(), loop["step"]
@@ -96,6 +96,7 @@ def run(task: Task, cfg: DictConfig, run_dir: Path, dist: Dist) -> dict | None:
         if (eval_every and step % eval_every == 0) or step == total:
             paused = True
             loop["eval_last"] = task.evaluate()
+            loop["eval_first"] = loop["eval_first"] or {"step": step, **loop["eval_last"]}  # (the verdict's "before")
             metrics.log(step, loop["eval_last"], prefix="eval")
             if adapting:
                 metrics.log(step, adapting(loop["eval_last"].get(task.objective)), prefix="adapt")
@@ -122,11 +123,10 @@ def run(task: Task, cfg: DictConfig, run_dir: Path, dist: Dist) -> dict | None:
     if step < total:  # stopped on purpose (train.stop_at_step): checkpoint saved, resume continues
         metrics.close(None)
         life.end("stopped", step=step, **_objective(task, loop))
-        if dist.main:
-            print(
-                f"stopped at step {step} of {total} (train.stop_at_step); continue with "
-                f"`python -m runner resume={run_dir} train.stop_at_step=null`"
-            )
+        metrics.note(
+            f"stopped at step {step} of {total} (train.stop_at_step); continue with "
+            f"`python -m runner resume={run_dir} train.stop_at_step=null`"
+        )
         return None
 
     exports = task.export(run_dir) if train_cfg.export else {}
@@ -143,6 +143,8 @@ def run(task: Task, cfg: DictConfig, run_dir: Path, dist: Dist) -> dict | None:
         **{f"eval_{k}": v for k, v in last.items()},
         "objective": last.get(task.objective),
         "objective_name": task.objective,
+        "objective_mode": "min" if adapt.minimise(task.objective) else "max",
+        "eval_first": loop["eval_first"],  # the first evaluation (step 0: the starting model), for the verdict
         "best": {task.best: loop["best"]} if task.best else None,
         "peak_memory_mb": eng.gather_objects(round(eng.peak_memory_mb(dist.device), 1), dist.world),
         "memory_after_first_step_mb": steady_mb,

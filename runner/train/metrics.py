@@ -1,5 +1,6 @@
-"""Metrics: metrics.jsonl and summary.json in the run directory, a progress bar on rank 0, and the run's trackers
-(TensorBoard / wandb / CSV, runner.train.trackers), all on the optimizer-step axis."""
+"""Metrics: metrics.jsonl and summary.json in the run directory, rank 0's progress bar and evaluations on the user's
+console (runner.console: the driver draws them), and the run's trackers (TensorBoard / wandb / CSV,
+runner.train.trackers), all on the optimizer-step axis."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from runner import console
 from runner.train.engine import Dist
 from runner.train.trackers import Trackers, wandb_mode
 
@@ -30,11 +32,7 @@ class Metrics:
         self.file = open(run_dir / "metrics.jsonl", "a") if dist.main else None
         self.bar, self.trackers = None, None
         if dist.main:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=total_steps, initial=start_step, desc=cfg.step.name, dynamic_ncols=True, mininterval=1.0
-            )
+            self.bar = console.Progress(cfg.step.name, total_steps, start_step)
             self.trackers = Trackers(cfg, run_dir, start_step)
 
     def log(self, step: int, values: dict, prefix: str = "train") -> None:
@@ -44,16 +42,22 @@ class Metrics:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         self.trackers.log(step, record)
-        if prefix == "train" and "loss" in values:
-            self.bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+        if prefix == "train":
+            self.bar.show(values)
         elif prefix == "eval":
-            self.bar.write(
+            self.bar.flush()
+            console.line(
                 f"step {step}: eval " + "  ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float))
             )
 
+    def note(self, text: str) -> None:
+        """A line for the user's console (rank 0's)."""
+        if self.dist.main:
+            console.line(text)
+
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
-            self.bar.update(n)
+            self.bar.advance(n)
 
     def close(self, summary: dict | None) -> None:
         if not self.dist.main:

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from runner.rl.experience import Experience
 from runner.train import engine as eng
@@ -226,10 +225,11 @@ def judged_heldout(
 def log_samples(
     path: Path, tokenizer, step: int, rows: list[dict], answers: list[list[int]], scores, n: int = 2
 ) -> None:
-    """The first `n` prompts and answers of a step, with their scores: appended to samples.jsonl and printed."""
+    """The first `n` prompts and answers of a step, with their scores: appended to samples.jsonl and printed (to
+    launch.log: the console shows evaluations, not single answers)."""
     with open(path, "a") as fh:
         for r, a, s in list(zip(rows, answers, scores.tolist()))[:n]:
             prompt = tokenizer.decode(r["prompt_ids"], skip_special_tokens=True)
             answer = tokenizer.decode(a, skip_special_tokens=True)
             fh.write(json.dumps({"step": step, "prompt": prompt, "answer": answer, "reward": s}) + "\n")
-            tqdm.write(f"step {step} sample (reward {s:+.3f}): {prompt.strip()!r} -> {answer.strip()!r}")
+            print(f"step {step} sample (reward {s:+.3f}): {prompt.strip()!r} -> {answer.strip()!r}")
