@@ -155,3 +155,29 @@ def test_parallel_degrees_and_zeropp_are_planned(compose):
     assert tp["time"]["step_s"] == pytest.approx(plain["time"]["step_s"] / 2)  # a pair of ranks shares each batch
     hpz = assess(compose, base + ["zero=stage3_zeropp", "zero.zero_hpz_partition_size=8"])
     assert hpz["terms_gb"]["ZeRO++ hpZ secondary weights"] == pytest.approx(2 * 1315758080 / 8 / GiB, abs=1e-4)
+
+
+def test_auto_hardware_reads_the_visible_gpus(tmp_path, monkeypatch, compose):
+    """hardware=auto on a GPU host: name and memory from nvidia-smi (a stand-in script answering its queries),
+    CUDA_VISIBLE_DEVICES respected, the peak speed of the matching preset."""
+    from runner.driver import deployment, hardware
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(
+        '#!/bin/sh\ncase "$1" in\n'
+        "  *compute_cap*) printf '0, 9.0\\n1, 8.0\\n' ;;\n"
+        "  *) printf '0, NVIDIA H100 80GB HBM3, 81559\\n1, NVIDIA A100-SXM4-40GB, 40960\\n' ;;\nesac\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert deployment._nvidia_smi() == [8.0]
+    assert hardware._visible_gpus() == [("NVIDIA A100-SXM4-40GB", 40.0)]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    cfg = make_plan(compose(["deployment=single_node"]), GPU).cfg.hardware
+    assert (cfg.device, cfg.device_memory_gb, cfg.peak_tflops, cfg.devices_per_node) == (
+        "NVIDIA H100 80GB HBM3",
+        79.6,
+        989,
+        2,
+    )

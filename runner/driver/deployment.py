@@ -38,11 +38,19 @@ class Hardware:
 def _nvidia_smi() -> list[float] | None:
     """Compute capabilities of the visible GPUs from nvidia-smi (None when it cannot say: no tool, UUIDs in
     CUDA_VISIBLE_DEVICES)."""
+    rows = nvidia_smi("compute_cap")
+    return None if rows is None else [float(r[0]) for r in rows]
+
+
+def nvidia_smi(fields: str) -> list[list[str]] | None:
+    """The visible GPUs' values of nvidia-smi's --query-gpu `fields` (comma-separated), one list per GPU in
+    CUDA_VISIBLE_DEVICES order; None when it cannot say (no tool, an error, UUIDs or MIG names in
+    CUDA_VISIBLE_DEVICES)."""
     import subprocess
 
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index,compute_cap", "--format=csv,noheader"],
+            ["nvidia-smi", f"--query-gpu=index,{fields}", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=20,
@@ -51,12 +59,16 @@ def _nvidia_smi() -> list[float] | None:
         return None
     if out.returncode:
         return None
-    caps = {int(i): float(c) for i, c in (line.split(",") for line in out.stdout.strip().splitlines() if "," in line)}
+    rows = {}
+    for line in out.stdout.strip().splitlines():
+        index, *values = (x.strip() for x in line.split(","))
+        if values:
+            rows[int(index)] = values
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
-        return list(caps.values())
+        return list(rows.values())
     try:
-        return [caps[int(v)] for v in visible.split(",") if v.strip() != "" and int(v) in caps]
+        return [rows[int(v)] for v in visible.split(",") if v.strip() != "" and int(v) in rows]
     except ValueError:  # UUIDs or MIG names: torch resolves those
         return None
 

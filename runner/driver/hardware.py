@@ -8,12 +8,11 @@ assumes `hardware.assume` and says so. Nothing here imports torch.
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from runner.driver.deployment import Hardware
+from runner.driver.deployment import Hardware, nvidia_smi
 from runner.errors import ConfigError
 
 PRESETS = Path(__file__).resolve().parent.parent.parent / "conf" / "hardware"
@@ -100,18 +99,4 @@ def _this_host() -> dict:
 
 def _visible_gpus() -> list[tuple[str, float]]:
     """(name, memory in GiB) of each visible GPU, from nvidia-smi ([] when it cannot say)."""
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    rows = {}
-    for line in out.stdout.strip().splitlines() if not out.returncode else []:
-        index, name, mem = (x.strip() for x in line.split(",")[:3])
-        rows[index] = (name, round(float(mem) / 1024, 1))
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return [rows[i.strip()] for i in visible.split(",") if i.strip() in rows] if visible else list(rows.values())
+    return [(name, round(float(mem) / 1024, 1)) for name, mem in nvidia_smi("name,memory.total") or []]
