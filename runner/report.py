@@ -246,23 +246,9 @@ def write(sweep_dir: Path) -> Path | None:
     if not rows:
         return None
     if all(r["status"] == "planned" for r in rows):
-        lines = [
-            "# Sweep plan: peak memory per device, verdict and estimated throughput of every point",
-            "",
-            "Peak = runtime overhead + every engine's model states + the largest activations of a step (each point's",
-            "plan.md has the breakdown); tokens/s is an estimate from FLOPs at the hardware's assumed utilisation.",
-            "",
-            "| point | ZeRO | micro-batch | world | peak GiB per device | model states GiB | verdict | est. tokens/s "
-            "| would fit with | overrides |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['point']} | {r['zero']} | {r['micro_batch']} | {r['world']} | {r['plan_gb_per_device']:.3f} | "
-            f"{r.get('states_gb_per_device', '')} | {r.get('verdict') or ''} | "
-            f"{_fmt(round(r['est_tokens_per_s'])) if r.get('est_tokens_per_s') else ''} | "
-            f"{('`' + r['suggestion'] + '`') if r.get('suggestion') else ''} | `{r['overrides']}` |"
-            for r in rows
-        ]
+        from runner.driver.show import sweep_plan_md
+
+        lines = sweep_plan_md(rows, _fmt)
         out = sweep_dir / "plan.md"
         out.write_text("\n".join(lines) + "\n")
         return out

@@ -31,7 +31,9 @@ def test_help_opens_with_examples_and_keys_then_hydras_groups(tmp_path, compose)
     text = proc.stdout
     order = [text.index(f"== {t} ==") for t in ("Examples", "Keys most often changed", "Configuration groups")]
     assert order == sorted(order) and order[0] < 400, text[:600]  # it opens with the examples
-    assert "zero: stage0, stage1, stage2, stage2_offload, stage3, stage3_offload" in text  # Hydra's groups
+    assert (
+        "zero: stage0, stage1, stage2, stage2_offload, stage3, stage3_offload, stage3_zeropp" in text
+    )  # Hydra's groups
     assert "--shell-completion,-sc" in text and "--multirun,-m" in text  # Hydra's flags
     for line in ("runner recipe=rlhf_tiny", "runner -m ", "runner dry_run=true", "runner ls", "runner compare"):
         assert line in _section(text, "Examples"), line
@@ -74,7 +76,7 @@ def test_tab_completion_of_the_installed_command(tmp_path, line, expected):
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert (expected or "train.micro_batch_size=") in offered, (offered, proc.stderr)
     if expected == "zero=stage3":
-        stages = ("stage0", "stage1", "stage2", "stage2_offload", "stage3", "stage3_offload")
+        stages = ("stage0", "stage1", "stage2", "stage2_offload", "stage3", "stage3_offload", "stage3_zeropp")
         assert offered == [f"zero={s}" for s in stages]
 
 

@@ -161,7 +161,8 @@ def test_multirun_dry_run_sweeps_zero_and_tensor(tmp_path):
         "deployment.plan_gpus_per_node=8",
         f"hydra.sweep.dir={tmp_path}",
     )
-    configs = [json.loads(b) for b in proc.stdout.split("# ds_config.json\n")[1:] for b in [b.split("\n# ")[0]]]
+    assert proc.stdout.count("plan: sft of") == 6
+    configs = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/ds_config.json"))]
     assert len(configs) == 6
     assert sorted(c.get("tensor_parallel", {}).get("autotp_size", 1) for c in configs) == [1, 1, 1, 2, 2, 2]
     assert sum("zero_quantized_weights" in c["zero_optimization"] for c in configs) == 2

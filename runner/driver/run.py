@@ -131,6 +131,7 @@ def run(cfg: DictConfig) -> float | None:
 
 def _write(job: Launch, overrides: list[str]) -> None:
     cfg, run_dir = job.plan.cfg, job.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)  # (a planned pipeline stage's is made here)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     (run_dir / "overrides.yaml").write_text(yaml.safe_dump(redact(overrides)))
     for name, config in job.configs.items():  # ds_config.json: the trained model's; other engines' beside it

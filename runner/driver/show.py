@@ -105,6 +105,27 @@ def plan_md(cfg, configs: dict, cmd: list[str], env: dict, fit: dict, notes: lis
     return "\n".join(out) + "\n"
 
 
+def sweep_plan_md(rows: list[dict], fmt) -> list[str]:
+    """The lines of a planned sweep's plan.md: one row per point (runner.report.collect's rows)."""
+    lines = [
+        "# Sweep plan: peak memory per device, verdict and estimated throughput of every point",
+        "",
+        "Peak = runtime overhead + every engine's model states + the largest activations of a step (each point's",
+        "plan.md has the breakdown); tokens/s is an estimate from FLOPs at the hardware's assumed utilisation.",
+        "",
+        "| point | ZeRO | micro-batch | world | peak GiB per device | model states GiB | verdict | est. tokens/s "
+        "| would fit with | overrides |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    return lines + [
+        f"| {r['point']} | {r['zero']} | {r['micro_batch']} | {r['world']} | {r['plan_gb_per_device']:.3f} | "
+        f"{r.get('states_gb_per_device', '')} | {r.get('verdict') or ''} | "
+        f"{fmt(round(r['est_tokens_per_s'])) if r.get('est_tokens_per_s') else ''} | "
+        f"{('`' + r['suggestion'] + '`') if r.get('suggestion') else ''} | `{r['overrides']}` |"
+        for r in rows
+    ]
+
+
 def gib(value: float) -> str:
     """A size given in GiB, in GiB, or in MiB when under one."""
     return "0 GiB" if value == 0 else f"{value:,.1f} GiB" if value >= 1 else f"{value * 1024:,.1f} MiB"
