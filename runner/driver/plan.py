@@ -245,6 +245,9 @@ def _validate_data(cfg: DictConfig, method) -> None:
     for key, allowed in (("overlong", ("truncate", "drop")), ("bad_rows", ("error", "skip"))):
         if data[key] not in allowed:
             raise ConfigError(f"data.{key}", f"unknown value {data[key]!r}", f"use {' or '.join(allowed)}")
+    from runner.data.packing import check as check_packing
+
+    check_packing(data.packing, method)
     max_pos = OmegaConf.select(cfg, "model.arch.max_position_embeddings")
     if data.max_seq_len == "auto":
         data.max_seq_len = min(512, max_pos or 512)
