@@ -18,10 +18,14 @@ The label of each sample's first token is IGNORE, as in an unpacked row (no loss
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from runner.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch  # (imported where used: the driver checks data.packing without loading torch)
 
 IGNORE = -100
 
@@ -93,6 +97,8 @@ class PackedCollator:
         self.pad_id, self.train_on_prompt = pad_id, train_on_prompt
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        import torch
+
         longest = max(len(r["input_ids"]) for r in rows)
         shape = (len(rows), longest)
         ids = torch.full(shape, self.pad_id, dtype=torch.long)
@@ -124,6 +130,8 @@ class PackedCollator:
 
 def block_causal_mask(seq_ids: torch.Tensor) -> torch.Tensor:
     """(batch, 1, L, L) bool: token i sees token j when both are in the same sample and j <= i."""
+    import torch
+
     n = seq_ids.shape[1]
     causal = torch.ones(n, n, dtype=torch.bool, device=seq_ids.device).tril()
     return ((seq_ids[:, :, None] == seq_ids[:, None, :]) & causal)[:, None]
@@ -131,6 +139,8 @@ def block_causal_mask(seq_ids: torch.Tensor) -> torch.Tensor:
 
 def model_inputs(batch: dict, attn_implementation: str, dtype: torch.dtype) -> dict:
     """A packed batch as the model's keyword arguments for its attention implementation (see the module's doc)."""
+    import torch
+
     if "seq_ids" not in batch:
         return batch
     out = {k: v for k, v in batch.items() if k != "seq_ids"}

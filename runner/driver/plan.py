@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from runner import stages
+from runner.data import packing
 from runner.driver import checks, hardware
 from runner.driver.deployment import Hardware, resolve_deployment
 from runner.errors import ConfigError
@@ -245,9 +246,6 @@ def _validate_data(cfg: DictConfig, method) -> None:
     for key, allowed in (("overlong", ("truncate", "drop")), ("bad_rows", ("error", "skip"))):
         if data[key] not in allowed:
             raise ConfigError(f"data.{key}", f"unknown value {data[key]!r}", f"use {' or '.join(allowed)}")
-    from runner.data.packing import check as check_packing
-
-    check_packing(data.packing, method)
     max_pos = OmegaConf.select(cfg, "model.arch.max_position_embeddings")
     if data.max_seq_len == "auto":
         data.max_seq_len = min(512, max_pos or 512)
@@ -304,8 +302,9 @@ def resolved_copy(cfg: DictConfig) -> DictConfig:
 
 def make_plan(cfg: DictConfig, hw: Hardware | None = None) -> Plan:
     """Resolve and validate a composed config. Raises ConfigError on bad input."""
-    cfg = resolved_copy(cfg)
     method = stages.get(str(cfg.step.name))
+    packing.check(cfg.data.packing, method)  # first: whatever else the method would ask for, packing cannot apply
+    cfg = resolved_copy(cfg)
     hw = hw or Hardware.detect()
     notes: list[str] = []
     world, nodes = resolve_deployment(cfg, hw, bool(cfg.dry_run), notes)
