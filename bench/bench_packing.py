@@ -47,6 +47,7 @@ def run(cwd: str, data: Path, packed: bool, micro: int, steps: int, log_every: i
         "data=local",
         f"data.sets.local.path={data}",
         "data.split=[1,0,0]",
+        "data.sets.local.sft_target=response",
         "data.max_seq_len=256",
         f"data.packing={str(packed).lower()}",
         f"train.micro_batch_size={micro}",
