@@ -228,3 +228,10 @@ def test_cpu_combination_trains(tmp_path, overrides):
     )
     first, last = losses(run)[0], losses(run)[-1]
     assert last < first - 0.5 and (run / "export" / "config.json").is_file()
+
+
+def test_packing_with_model_parallelism_is_refused(compose):
+    for key in ("parallel.tensor=2", "parallel.sequence=2"):
+        with pytest.raises(ConfigError) as err:
+            make_plan(compose(["deployment=cpu", "deployment.nproc_per_node=2", key, "data.packing=true"]), CPU)
+        assert err.value.where == key.split("=")[0] and "data.packing" in err.value.problem

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from runner.data import kinds, rows, sources
+from runner.data import kinds, packing, rows, sources
 from runner.errors import ConfigError
 
 CACHE_VERSION = 6
@@ -146,7 +146,7 @@ def _build(cfg: DictConfig, method, share: str, tokenizer, raw: dict, out_dir: P
                 "kept": len(tokenized),
             }
             parts[split_name].append(tokenized)
-    counts = {}
+    counts, packed = {}, None
     for split_name, pieces in parts.items():
         merged = concatenate_datasets(pieces) if len(pieces) > 1 else pieces[0]
         counts[split_name] = len(merged)
@@ -157,8 +157,17 @@ def _build(cfg: DictConfig, method, share: str, tokenizer, raw: dict, out_dir: P
                 f"{', '.join(raw)} (split {split}, share {share!r}, max length {max_len})",
                 f"give {share} a share in data.split, use more data, or raise the max length",
             )
+        if split_name == "train" and data.get("packing"):  # (evaluation stays one sample per row)
+            tokens = sum(len(ids) for ids in merged["input_ids"])
+            merged = packing.pack_dataset(merged, max_len, seed)
+            counts["train_samples"], counts[split_name] = counts[split_name], len(merged)
+            packed = {
+                "samples": counts["train_samples"],
+                "rows": len(merged),
+                "fill": round(tokens / (len(merged) * max_len), 4),
+            }
         merged.save_to_disk(str(out_dir / split_name))
-    return {"counts": counts, "sets": stats}
+    return {"counts": counts, "sets": stats, **({"packing": packed} if packed else {})}
 
 
 def _cached(root: Path, build) -> dict:
@@ -242,9 +251,10 @@ def prepare(cfg: DictConfig, method, tokenizer: Callable, cache_root: Path, buil
 
     meta = _cached(root, fresh)
     paths = {name: str(root / name) for name in ("train", "eval")}
-    return Prepared(
-        paths=paths, counts=meta["counts"], stats={"cache": str(root), "share": share, "sets": meta["sets"]}
-    )
+    stats = {"cache": str(root), "share": share, "sets": meta["sets"]}
+    if "packing" in meta:  # data.packing: samples, rows and how full they are
+        stats["packing"] = meta["packing"]
+    return Prepared(paths=paths, counts=meta["counts"], stats=stats)
 
 
 def share_notes(prepared: Prepared, split: dict, stage: str) -> list[str]:

@@ -144,7 +144,8 @@ def prepare(cfg, scrub=lambda values: None, raw_ds_keys: bool = False, worker: s
     if prepared and (total < 1 or prepared.counts["train"] < samples):  # (whatever train.max_steps says)
         raise ConfigError(
             key,
-            f"the training split has {prepared.counts['train']} samples, fewer than one step of {what} = {samples}",
+            f"the training split has {prepared.counts['train']} "
+            f"{'packed rows' if p.cfg.data.get('packing') else 'samples'}, fewer than one step of {what} = {samples}",
             "lower the batch size or use more data",
         )
     OmegaConf.update(

@@ -84,6 +84,7 @@ def check(cfg: DictConfig, world: int, nodes: dict[str, int], notes: list[str]) 
         (cfg.lora.r, "LoRA adapters (peft layers are not AutoTP/Ulysses layers)"),
         (OmegaConf.select(cfg, "reward.terms"), "a judge (reward=...): held-out answers are sampled per rank"),
         (cfg.train.adapt.enabled and cfg.train.adapt.batch_beta != 1, "train.adapt changing the batch"),
+        (cfg.data.get("packing"), "data.packing (packed rows carry their own positions and block mask)"),
     ):
         if bad:
             raise ConfigError(key, f"is not wired together with {why}", f"use {key}=1, or turn that off")

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from runner import stages
+from runner.data import packing
 from runner.driver import checks, hardware, optimizers, parallel
 from runner.driver.deployment import Hardware, resolve_deployment
 from runner.errors import ConfigError
@@ -283,8 +284,9 @@ def resolved_copy(cfg: DictConfig) -> DictConfig:
 
 def make_plan(cfg: DictConfig, hw: Hardware | None = None) -> Plan:
     """Resolve and validate a composed config. Raises ConfigError on bad input."""
-    cfg = resolved_copy(cfg)
     method = stages.get(str(cfg.step.name))
+    packing.check(cfg.data.packing, method)  # first: whatever else the method would ask for, packing cannot apply
+    cfg = resolved_copy(cfg)
     hw = hw or Hardware.detect()
     notes: list[str] = []
     world, nodes = resolve_deployment(cfg, hw, bool(cfg.dry_run), notes)

@@ -11,6 +11,7 @@ method. A method overrides what differs from a supervised stage that trains one 
     exports   export directory -> kind of model it holds (causal_lm, reward_model, critic)
     recipe    "module:function" that every rank runs
     trainer   "module:Class" of its step-by-step trainer for a loop of your own (runner.api), or None
+    packs     whether data.packing=true applies (single sequences with a per-token loss: SFT)
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Method:
     max_len_key: ClassVar[str] = "data.max_seq_len"  # the key that bounds a tokenised sample (see max_len)
     judged: ClassVar[bool] = False  # it trains a policy: the `reward` group judges its answers to held-out prompts
     adapts_batch: ClassVar[bool] = True  # train.adapt may change its gradient accumulation (per-batch losses)
+    packs: ClassVar[bool] = False  # data.packing=true may put several of its samples in one row (runner.data.packing)
 
     def share_keys(self) -> tuple[str, ...]:
         return self.shares or (self.name,)
@@ -67,10 +69,11 @@ class Method:
     def step_samples(self, cfg: DictConfig, world: int) -> tuple[int, str, str]:
         """Samples one optimizer step consumes, the key to name when the data holds fewer, and how it is made up."""
         train = cfg.train
+        rows = " packed rows (data.packing)" if cfg.data.get("packing") else ""
         return (
             int(train.micro_batch_size) * world * int(train.gradient_accumulation_steps),
             "train.micro_batch_size",
-            "micro_batch_size × world size × gradient_accumulation_steps",
+            f"micro_batch_size × world size × gradient_accumulation_steps{rows}",
         )
 
     def workload(self, cfg: DictConfig, world: int) -> list:

@@ -82,7 +82,10 @@ class Throughput:
         mask = batch["attention_mask"]
         self.tokens += int(mask.sum())
         self.padded += mask.numel()
-        self.samples += mask.shape[0]
+        if "seq_ids" in batch:  # packed rows (runner.data.packing): each sample starts at position 0
+            self.samples += int(((batch["position_ids"] == 0) & mask.bool()).sum())
+        else:
+            self.samples += mask.shape[0]
 
 
 def trim(run_dir: Path, step: int) -> None:

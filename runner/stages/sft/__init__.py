@@ -10,6 +10,7 @@ class SFT(Method):
     name = "sft"
     data = "sft"
     judged = True
+    packs = True
     exports = {"export": "causal_lm"}
     recipe = "runner.stages.sft.recipe:run"
 

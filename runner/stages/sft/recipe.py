@@ -1,7 +1,7 @@
 """SFT on the ranks: the loss is on the response tokens only unless step.train_on_prompt; batches are padded to
-their longest sample. Evaluation: loss and perplexity on the eval split and, when the config names a judge
-(reward=...), its mean score of answers sampled for the eval prompts, before training and after it. Export: a Hugging
-Face causal LM."""
+their longest sample (with data.packing, training rows hold several samples: runner/data/packing.py). Evaluation:
+loss and perplexity on the eval split and, when the config names a judge (reward=...), its mean score of answers
+sampled for the eval prompts, before training and after it. Export: a Hugging Face causal LM."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from runner import modeling, rewards
-from runner.data import batches
+from runner.data import batches, packing
 from runner.data.prepare import load_prepared
 from runner.train import checkpoint, engine as eng, loop, models, onpolicy, parallel, rollout
 from runner.train.engine import Dist
@@ -23,6 +23,9 @@ def run(cfg: DictConfig, run_dir: Path, dist: Dist) -> None:
     tokenizer = modeling.load_tokenizer(cfg.model)
     train_set, eval_set = load_prepared(cfg.runtime.data.paths.train), load_prepared(cfg.runtime.data.paths.eval)
     collate = batches.CausalLMCollator(tokenizer.pad_token_id, train_on_prompt=bool(cfg.step.train_on_prompt))
+    train_collate = collate  # with data.packing, training rows hold several samples each; eval rows one
+    if cfg.data.packing:
+        train_collate = packing.PackedCollator(tokenizer.pad_token_id, bool(cfg.step.train_on_prompt))
     ds_config = eng.ds_config(run_dir)
     model = models.load_causal_lm(
         cfg.model, ds_config, cfg.precision.dtype, cfg.train.gradient_checkpointing, cfg.lora, cfg.lora.r
@@ -33,8 +36,12 @@ def run(cfg: DictConfig, run_dir: Path, dist: Dist) -> None:
     judge, prompts = rollout.make_judge(cfg, run_dir, tokenizer, tokenizer.pad_token_id), onpolicy.Prompts(eval_set)
 
     # 2. the loss, the evaluation and the export
+    attention, dtype = packing.attention_of(engine)
+
     def loss(batch: dict):
-        return (parallel.causal_lm_loss(engine, batch) if sequence_parallel else engine(**batch).loss), {}
+        if sequence_parallel:
+            return parallel.causal_lm_loss(engine, batch), {}
+        return engine(**packing.model_inputs(batch, attention, dtype)).loss, {}
 
     def token_loss_sums(batch: dict) -> dict[str, float]:
         if sequence_parallel:  # this rank's slice of each sequence: the evaluation adds up the slices
@@ -79,7 +86,7 @@ def run(cfg: DictConfig, run_dir: Path, dist: Dist) -> None:
             evaluate,
             export,
             train_set,
-            collate,
+            train_collate,
             cfg,
             dist,
             objective="loss",
