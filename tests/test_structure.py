@@ -135,3 +135,22 @@ def test_every_recipe_named_anywhere_exists():
     named = {m for path in texts for m in re.findall(r"recipe=([\w.-]+)", path.read_text())}
     named -= {"NAME", "autotuned"}  # the placeholder in usage lines; the autotuner's own file (--config-dir TUNE_DIR)
     assert named and {n for n in named if not (root / "recipes" / f"{n}.yaml").is_file()} == set()
+
+
+def test_the_readme_group_table_lists_every_option():
+    """Every option of every config group is in the README's table (model presets and recipes are listed by
+    pattern: `opt-125m … opt-66b`, `files in recipes/`; ZeRO's `stage0 … stage3` names the stages between)."""
+    root = RUNNER.parent
+    rows = {
+        m.group(1): m.group(2)
+        for m in re.finditer(r"^\| `(\w+)` \| (.*?) \|", (root / "README.md").read_text(), re.MULTILINE)
+    }
+    for group in sorted(p.name for p in (root / "conf").iterdir() if p.is_dir()):
+        if group in ("model", "recipe", "hydra"):
+            continue
+        assert group in rows, f"README's group table has no row for {group}"
+        options = {p.stem for p in (root / "conf" / group).glob("*.yaml")}
+        if group == "zero":
+            options -= {"stage1", "stage2"}
+        missing = {o for o in options if f"`{o}`" not in rows[group]}
+        assert not missing, f"README's `{group}` row lacks {sorted(missing)}"
