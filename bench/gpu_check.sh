@@ -27,6 +27,10 @@ run ppo_bf16_zero2_fusedadam_he $P precision=bf16 optimizer.impl=deepspeed zero=
 run ppo_fp16_zero3_ema_lora $P precision=fp16 optimizer.impl=deepspeed zero=stage3 zero@step.critic.zero=stage3 \
     step.hybrid_engine.enabled=true step.ema.enabled=true lora.r=8 train.max_steps=20 train.eval_every=10
 run sft_bf16 precision=bf16 deployment=single_gpu optimizer.impl=deepspeed train.max_steps=100
+# what one device shows of the parallelism issue: ZeRO++ (qwZ + qgZ, hpZ=1), Lion and Muon on CUDA
+run sft_zeropp precision=bf16 deployment=single_gpu zero=stage3_zeropp zero.zero_hpz_partition_size=1 train.max_steps=50
+run sft_lion precision=bf16 deployment=single_gpu optimizer=lion train.max_steps=50
+run sft_muon precision=bf16 deployment=single_gpu optimizer=muon train.max_steps=50
 # the memory plan against torch.cuda.max_memory_allocated (one-rank cases; bench/calibrate_memory.py)
 python3 bench/calibrate_memory.py --gpu > "$OUT/calibrate_memory.md" 2>&1; tail -n 20 "$OUT/calibrate_memory.md"
 python3 - "$OUT" <<'PY'
