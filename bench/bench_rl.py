@@ -5,6 +5,7 @@ generation / experience / training split) and the ratio base / this (> 1: this c
 
     python bench/bench_rl.py --base ec2b900                  # tiny SFT and reward stages first (~1 min), then the runs
     python bench/bench_rl.py --base ec2b900 --sft DIR --reward DIR --steps 20 --rounds 3 --only ppo
+    python bench/bench_rl.py --base ec2b900 --ranks 1 --this deployment.omp_wait_policy=null   # the code's share
 
 Setups: 1 rank at ZeRO-0, and 2 ranks with ZeRO-3 (PPO: actor and critic). Per run: the median over the steps after
 the first 3 (warm-up); per setup: the median over rounds of the per-round ratio.
@@ -72,6 +73,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--only", choices=("ppo", "grpo"))
+    ap.add_argument("--ranks", type=int, choices=(1, 2), help="only the setups of this many ranks")
+    ap.add_argument("--this", action="append", default=[], help="an override for this checkout's runs only")
     args = ap.parse_args()
     here = Path(__file__).resolve().parent.parent
     work = Path(tempfile.mkdtemp(prefix="bench_rl_"))
@@ -89,15 +92,16 @@ def main() -> None:
             ("GRPO", name, ["step=grpo", f"step.init_from={sft}", *TINY_GRPO, *extra])
             for name, extra in GRPO_SETUPS.items()
         ]
+    cases = [c for c in cases if not args.ranks or c[1].startswith(str(args.ranks))]
     results: dict[tuple[str, str], list[tuple[dict, dict]]] = {}
     with checkout(args.base) as base:
         for r in range(args.rounds):
             for method, name, overrides in cases:
                 got = {}
-                for label, tree in (("base", base), ("this", here)):
+                for label, tree, own in (("base", base, []), ("this", here, args.this)):
                     out = work / f"{method}-{name[0]}-{label}-{r}"
                     got[label] = medians(
-                        runner(tree, work, *overrides, f"train.max_steps={args.steps}", f"run_dir={out}")
+                        runner(tree, work, *overrides, *own, f"train.max_steps={args.steps}", f"run_dir={out}")
                     )
                 results.setdefault((method, name), []).append((got["base"], got["this"]))
                 print(
