@@ -722,6 +722,15 @@ def test_cpu_command(compose):
     assert plan.world_size == 2
 
 
+def test_cpu_omp_wait_policy(compose):
+    """One CPU rank with every core: its idle OpenMP threads sleep (deployment.omp_wait_policy); null leaves
+    OpenMP's default; single-threaded ranks have no OpenMP team to wait."""
+    one = launch.worker_env(make_plan(compose(["deployment=cpu"]), CPU).deployment)
+    assert one["OMP_NUM_THREADS"] == str(CPU.cpus) and one["OMP_WAIT_POLICY"] == "PASSIVE"
+    off = make_plan(compose(["deployment=cpu", "deployment.omp_wait_policy=null"]), CPU).deployment
+    assert "OMP_WAIT_POLICY" not in launch.worker_env(off)
+
+
 def test_cpu_ranks_beyond_cores(compose):
     with pytest.raises(ConfigError) as err:
         make_plan(compose(["deployment=cpu", "deployment.nproc_per_node=3"]), CPU)

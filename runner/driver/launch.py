@@ -91,6 +91,8 @@ def worker_env(deployment: DictConfig) -> dict[str, str]:
     env = {"DS_ACCELERATOR": deployment.accelerator, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     if deployment.threads_per_rank:
         env["OMP_NUM_THREADS"] = str(deployment.threads_per_rank)
+        if deployment.accelerator == "cpu" and int(deployment.threads_per_rank) > 1 and deployment.omp_wait_policy:
+            env["OMP_WAIT_POLICY"] = str(deployment.omp_wait_policy).upper()  # (see conf/deployment/cpu.yaml)
     return env
 
 
