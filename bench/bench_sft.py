@@ -90,27 +90,32 @@ def compare_revisions(args):
     rows = []
     with checkout(args.base) as base:
         for stage in args.stages.split(","):
-            tps, losses = {"this": [], "base": []}, {"this": [], "base": []}
+            tps, losses, paired = {"this": [], "base": []}, {"this": [], "base": []}, []
             cwd = tempfile.mkdtemp(prefix=f"bench_sft_{stage}_")
             over = [f"step={stage}", *extra]
             for root in (REPO, base):  # data caches, imports: not measured
                 run_runner(cwd, args.zero, args.log_every * 2, args.log_every, root, over)
             for i in range(args.rounds):
                 order = (("this", REPO), ("base", base)) if i % 2 == 0 else (("base", base), ("this", REPO))
+                this_round = {}
                 for who, root in order:
                     run_dir, t, _ = run_runner(cwd, args.zero, args.steps, args.log_every, root, over)
                     tps[who] += t
+                    this_round[who] = statistics.median(t)
                     losses[who].append(last_loss(run_dir))
+                paired.append(this_round["this"] / this_round["base"])  # neighbours in time: drift cancels
                 med = {k: statistics.median(v) for k, v in tps.items()}
                 line = f"{stage} round {i + 1}: this {med['this']:.0f}, base {med['base']:.0f} tokens/s (medians)"
                 print(line, flush=True)
             ratio = statistics.median(tps["this"]) / statistics.median(tps["base"])
-            rows.append((stage, ratio, len(tps["this"]), losses["this"][-1], losses["base"][-1]))
+            rows.append(
+                (stage, ratio, statistics.median(paired), len(tps["this"]), losses["this"][-1], losses["base"][-1])
+            )
     print(f"\nbase={args.base} zero={args.zero} ranks={args.ranks} steps={args.steps} rounds={args.rounds}")
-    print("| stage | tokens/s this / base (median intervals) | intervals each | last loss this | last loss base |")
+    print("| stage | this/base: median intervals | this/base: median of rounds | intervals | last loss this, base |")
     print("|---|---|---|---|---|")
-    for stage, ratio, n, a, b in rows:
-        print(f"| {stage} | {ratio:.3f} | {n} | {a:.4f} | {b:.4f} |")
+    for stage, ratio, pair, n, a, b in rows:
+        print(f"| {stage} | {ratio:.3f} | {pair:.3f} | {n} each | {a:.4f}, {b:.4f} |")
 
 
 def main():
