@@ -102,3 +102,36 @@ def test_interval_means_read_tensors_like_floats():
     values = [torch.tensor(x, dtype=torch.float32) for x in (0.1, 0.2, 0.7000001)]
     assert _mean(values) == sum(float(v) for v in values) / 3
     assert _mean([1, 2.5]) == 1.75
+
+
+def _metrics_run_dir(path):
+    import json
+
+    rows = [{"step": s, "train/loss": 5.0 / s, "train/lr": 1e-3, "train/tokens_per_s": 900.0 + s} for s in (10, 20)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "config.yaml").write_text("step:\n  name: sft\n")
+    return path
+
+
+def test_curves_are_drawn_once_the_summary_appears_and_waited_for(tmp_path):
+    """runner.driver.artifacts.EarlyCurves: the driver's thread draws curves.png as soon as rank 0's summary.json is
+    written (not after the launcher exited), and result() hands it over; a run without a summary (failed, stopped)
+    gets its curves from result() itself."""
+    import time
+
+    from runner.driver import artifacts
+
+    run_dir = _metrics_run_dir(tmp_path)
+    drawing = artifacts.EarlyCurves(run_dir)
+    (run_dir / "summary.json").write_text("{}")
+    deadline = time.time() + 120
+    while not drawing.done and time.time() < deadline:
+        time.sleep(0.05)
+    assert drawing.done  # drawn by the thread, before anyone asked
+    assert drawing.result() == run_dir / "curves.png" and (run_dir / "curves.png").stat().st_size > 5000
+
+    other = tmp_path / "no_summary"
+    other.mkdir()
+    drawing = artifacts.EarlyCurves(_metrics_run_dir(other))
+    assert drawing.result() == other / "curves.png" and not drawing.done
+    assert (other / "curves.png").stat().st_size > 5000
