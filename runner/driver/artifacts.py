@@ -58,7 +58,7 @@ def pyplot():
 
 class EarlyCurves:
     """curves.png drawn while the launcher winds down. Started when the ranks are launched, a background thread
-    imports pyplot and loads the font (~1 s) once the ranks train (metrics.jsonl exists), then waits for this attempt's
+    imports pyplot and loads the font (~1 s, while the launcher and the ranks start), then waits for this attempt's
     summary.json (rank 0 writes it after its last metrics.jsonl line) and draws the curves then: meanwhile the ranks
     leave the process group and DeepSpeed's launcher notices that they exited (it polls once a second). `result()`
     waits for that drawing, or draws now when the thread did not (no summary: a run that failed or stopped; an
@@ -71,9 +71,7 @@ class EarlyCurves:
         self.thread.start()
 
     def _work(self) -> None:
-        try:  # first the ranks start (their imports): the thread waits for the training, rank 0's metrics.jsonl
-            while not (self.run_dir / "metrics.jsonl").exists() and not self.stop.wait(0.1):
-                pass
+        try:  # at once, while DeepSpeed's launcher starts (not during the training, whose tokens/s it would slow)
             from matplotlib.backends.backend_agg import FigureCanvasAgg
 
             fig = pyplot().figure(figsize=(1, 1))
