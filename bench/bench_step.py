@@ -3,6 +3,7 @@ load, which moves run-level tokens/s by up to 10x on 2 busy cores): the tiny mod
 micro-batch 8 of 64 tokens, forward + backward + optimizer step through DeepSpeed.
 
     python bench/bench_step.py                      # 4 rounds x 60 steps per variant, medians after 10 warm-up steps
+    python bench/bench_step.py --stage reward       # the reward model: the backbone with a scalar head, pairwise loss
 
 Variants: `plain` is what revision ec2b900 ran (torch's for-loop AdamW, DeepSpeed's gradient all-reduce after every
 backward, the loss read with float() every micro-step); `runner` is this checkout's engine (runner.train.engine:
@@ -27,6 +28,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stage", choices=("sft", "reward"), default="sft")
     args = ap.parse_args()
     os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -34,7 +36,7 @@ def main():
     import deepspeed
     import torch
     from omegaconf import OmegaConf
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from runner.train import engine as eng
 
@@ -53,6 +55,9 @@ def main():
 
     def model():
         torch.manual_seed(0)
+        if args.stage == "reward":
+            config = AutoConfig.for_model(**arch, dropout=0.0, num_labels=1, pad_token_id=1)
+            return AutoModelForSequenceClassification.from_config(config)
         return AutoModelForCausalLM.from_config(AutoConfig.for_model(**arch, dropout=0.0))
 
     engines = {"runner": eng.initialize(model(), opt, dict(ds))}
@@ -66,7 +71,11 @@ def main():
     def step(name: str, i: int) -> float:
         engine = engines[name]
         start = time.perf_counter()
-        loss = engine(input_ids=ids, labels=ids).loss
+        if args.stage == "reward":  # rows 0, 2, ... chosen; 1, 3, ... rejected
+            scores = engine(input_ids=ids).logits.squeeze(-1)
+            loss = -torch.nn.functional.logsigmoid(scores[0::2] - scores[1::2]).mean()
+        else:
+            loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
         engine.step()
         if name == "plain":
@@ -95,7 +104,7 @@ def main():
             flush=True,
         )
     overall = statistics.median(times["plain"]) / statistics.median(times["runner"])
-    print(f"\nsteps={args.steps} rounds={args.rounds} threads={args.threads}")
+    print(f"\nstage={args.stage} steps={args.steps} rounds={args.rounds} threads={args.threads}")
     print(f"| tokens/s runner / plain (median step time, all rounds) | {overall:.3f} |")
     print(
         f"| the same, median of the rounds' ratios (min, max) | {statistics.median(ratios):.3f} "
