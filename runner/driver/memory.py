@@ -136,8 +136,9 @@ def trained_states(
 
 
 def step_buffer(ds: dict, trainable: int, gpus: int, torch_optimizer: bool) -> int:
-    """Bytes per device torch's foreach AdamW allocates during its step (one fp32 tensor per parameter of its
-    partition); DeepSpeed's fused and CPU optimizers allocate none."""
+    """Bytes per device torch's for-loop/foreach AdamW allocates during its step (one fp32 tensor per parameter of its
+    partition; `torch_optimizer` is true for that one only); torch's fused kernel and DeepSpeed's fused and CPU
+    optimizers allocate none."""
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     return int(4 * trainable / (gpus if stage >= 1 else 1)) if torch_optimizer else 0
 
@@ -157,7 +158,8 @@ def run_memory(cfg: DictConfig, configs: dict, sizes: dict, gpus_per_node: int, 
             trainable = min(n, lora_params(arch, r)) if r and arch and _lora_only(cfg) else n
             cpu, dev, how = trained_states(ds, n, trainable, big, gpus_per_node, nodes, torch_opt, opt_name)
             sources.add(how)
-            trained, buffer = True, step_buffer(ds, trainable, gpus_per_node * nodes, torch_opt)
+            unfused = torch_opt and OmegaConf.select(cfg, "optimizer.fused") is False
+            trained, buffer = True, step_buffer(ds, trainable, gpus_per_node * nodes, unfused)
         else:
             cpu, dev = frozen_model_memory(n, big, ds, gpus_per_node, nodes)
             trained, buffer = False, 0

@@ -91,6 +91,13 @@ def resolve(cfg: DictConfig, accelerator: str, offload: bool, notes: list[str]) 
             ),
             "use optimizer.impl=deepspeed (or auto)",
         )
+    if opt.impl == "deepspeed" and opt.get("fused") is False:
+        raise ConfigError(
+            "optimizer.fused",
+            "false applies to optimizer.impl=torch only; DeepSpeed chooses its own kernel (FusedAdam on GPU, its CPU "
+            "optimizers under offload)",
+            "drop optimizer.fused=false, or set optimizer.impl=torch to train with torch's for-loop optimizer",
+        )
     if opt.impl == "torch" and offload:
         raise ConfigError(
             "optimizer.impl",

@@ -24,8 +24,16 @@ class Ended(SystemExit):
         self.run_dir = run_dir
 
 
-def record(run_dir: Path, overrides: list[str], outcome: supervise.Outcome, wall: float, multirun: bool) -> dict:
-    """Write status.json and print how the run ended; return its summary (empty if it has none), or raise Ended."""
+def record(
+    run_dir: Path,
+    overrides: list[str],
+    outcome: supervise.Outcome,
+    wall: float,
+    multirun: bool,
+    drawing: artifacts.EarlyCurves | None = None,
+) -> dict:
+    """Write status.json and print how the run ended; return its summary (empty if it has none), or raise Ended.
+    `drawing`: curves.png drawn while the launcher wound down (else drawn here)."""
     records = supervise.rank_records(run_dir)
     resume_cmd = f"python -m runner resume={run_dir}"
     if outcome.rc == 0 and "preempted" in {r.get("state") for r in records}:
@@ -60,7 +68,7 @@ def record(run_dir: Path, overrides: list[str], outcome: supervise.Outcome, wall
     for line in verdict(summary):
         print(line, file=sys.stderr if line.startswith("warning") else sys.stdout)
     for what, write in (
-        ("curves", lambda: artifacts.curves(run_dir)),
+        ("curves", lambda: drawing.result() if drawing else artifacts.curves(run_dir)),
         ("model card", lambda: artifacts.model_card(run_dir, summary)),
     ):
         try:

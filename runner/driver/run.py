@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner import shm
 from runner.driver import (
+    artifacts,
     keys,
     launch,
     outcome as outcome_,
@@ -281,6 +282,7 @@ def _launch(job: Launch, overrides: list[str]) -> dict:
         flush=True,
     )
     began = time.time()
+    drawing = artifacts.EarlyCurves(run_dir)  # curves.png, drawn while the launcher winds down
     what = f"resumed from {job.resume['tag']}" if job.resume else "started"
     outcome = supervise.launch(
         job.cmd,
@@ -296,13 +298,15 @@ def _launch(job: Launch, overrides: list[str]) -> dict:
     )
     shm.release(job.plan.deployment.master_port)  # what a rank that died before releasing it left behind
     try:
-        return outcome_.record(run_dir, overrides, outcome, time.time() - began, is_multirun())
+        return outcome_.record(run_dir, overrides, outcome, time.time() - began, is_multirun(), drawing)
     except outcome_.Ended:
         if is_multirun():  # a sweep stopped at a point: its report is written all the same
             from runner import report
 
             report.write(Path(HydraConfig.get().sweep.dir))
         raise
+    finally:
+        drawing.stop.set()  # a run that ended without a summary: the thread stops waiting for one
 
 
 def _objective(summary: dict) -> float | None:

@@ -119,8 +119,10 @@ def initialize(model: torch.nn.Module, optimizer: DictConfig, ds_config: dict, m
     groups = param_groups(model, optimizer)
     client = None
     if optimizer.impl == "torch":
-        own = {"betas": tuple(optimizer.betas), "fused": bool(optimizer.fused)} if optimizer.name == "AdamW" else {}
-        client = getattr(torch.optim, optimizer.name)(groups, lr=float(optimizer.lr), eps=float(optimizer.eps), **own)
+        own = {"betas": tuple(optimizer.betas)} if optimizer.name == "AdamW" else {}
+        client = getattr(torch.optim, optimizer.name)(
+            groups, lr=float(optimizer.lr), eps=float(optimizer.eps), fused=bool(optimizer.fused), **own
+        )
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=client, model_parameters=None if client else groups, config=ds_config, mpu=mpu
     )

@@ -221,22 +221,24 @@ class Supervised:
     def train_step(self, step: int, log: bool) -> dict | None:
         grad_norm = None
         for micro_step in range(self.gas):
-            batch = to_device(self.collate([self.train_set[i] for i in self.cursor.next()]), self.dist.device)
+            host = self.collate([self.train_set[i] for i in self.cursor.next()])
+            self.speed.add(host)  # counted on the host's copy: no wait for the device
+            batch = to_device(host, self.dist.device)
             loss, extra = self.loss(batch)
             self.engine.backward(loss)
             if log and micro_step == self.gas - 1:
                 grad_norm = eng.grad_norm(self.engine)
             self.engine.step()
-            self.speed.add(batch)
-            self.losses.append(float(loss.detach()))
+            # kept as (device) tensors and read on logging steps only: reading each one waits for the device
+            self.losses.append(loss.detach())
             for k, v in extra.items():
-                self.extras.setdefault(k, []).append(float(v))
+                self.extras.setdefault(k, []).append(v.detach() if isinstance(v, torch.Tensor) else v)
         return self._interval(grad_norm) if log else None
 
     def _interval(self, grad_norm: float | None) -> dict:
         """Means over the logging interval (all ranks), then a new interval."""
         dist, speed = self.dist, self.speed
-        means = [sum(self.losses) / len(self.losses)] + [sum(v) / len(v) for v in self.extras.values()]
+        means = [_mean(self.losses)] + [_mean(v) for v in self.extras.values()]
         reduced = eng.all_reduce_sum(means + [speed.tokens, speed.padded, speed.samples], dist.device)
         # every rank of a tensor/sequence-parallel group counted its group's whole batch
         tokens, padded, samples = (v / (dist.tensor * dist.sequence) for v in reduced[-3:])
@@ -292,6 +294,11 @@ class Supervised:
 
     def notes(self) -> list[str]:
         return []
+
+
+def _mean(values: list) -> float:
+    """The mean of an interval's values (tensors or numbers) as Python floats, added in order as before."""
+    return sum(float(v) for v in values) / len(values)
 
 
 def _float(value) -> float | None:
