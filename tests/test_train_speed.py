@@ -120,7 +120,8 @@ def _curves(port: int, queue) -> None:
     queue.put(out)
 
 
-def test_lone_rank_skips_allreduce_and_fused_adamw_matches_the_loop():
+def _spawn(target) -> dict:
+    """`target(port, queue)` in a fresh process (its own process group on a free port); what it put on the queue."""
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -128,11 +129,16 @@ def test_lone_rank_skips_allreduce_and_fused_adamw_matches_the_loop():
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_train, args=(port, queue))
+    proc = ctx.Process(target=target, args=(port, queue))
     proc.start()
     out = queue.get(timeout=300)
     proc.join(timeout=60)
     assert proc.exitcode == 0
+    return out
+
+
+def test_lone_rank_skips_allreduce_and_fused_adamw_matches_the_loop():
+    out = _spawn(_train)
     assert out["loop_skipped"] and out["fused_skipped"]  # one rank, ZeRO-0: the runner turns the all-reduce off
     loop, skip, fused = (torch.tensor(out[k], dtype=torch.float32) for k in ("loop", "loop_skip", "fused"))
     assert torch.equal(loop, skip)  # the all-reduce with oneself is the identity: bitwise the same parameters
@@ -146,17 +152,7 @@ def test_lone_rank_skips_allreduce_and_fused_adamw_matches_the_loop():
 
 
 def test_fused_adamw_without_lone_allreduce_matches_the_plain_engine():
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_curves, args=(port, queue))
-    proc.start()
-    out = queue.get(timeout=300)
-    proc.join(60)
+    out = _spawn(_curves)
     assert out["fused"] is True and out["allreduce"] is False  # the runner's engine takes the fast path
     runner, plain, other = out["runner"], out["plain"], out["other_beta2"]
     assert runner[-1] < runner[0] - 0.5  # it learns (memorises the two batches)
