@@ -74,4 +74,9 @@ def test_autotune_ppo_tunes_actor_and_critic_together(tmp_path, sft_run, reward_
     rows = table((tmp_path / "tune" / "autotune.md").read_text())
     assert len(rows) == 4
     assert all("zero@step.actor.zero=" in r["overrides"] and "zero@step.critic.zero=" in r["overrides"] for r in rows)
+    # micro-batches of a step's 8 answers, each with the accumulation that keeps an optimizer step inside one step
+    assert all(r["status"] == "completed" for r in rows), (tmp_path / "tune" / "autotune.md").read_text()
+    assert {r["overrides"].split("train.")[1:][1] for r in rows if "micro_batch_size=8" in r["overrides"]} == {
+        "gradient_accumulation_steps=1"
+    }
     assert proc.returncode == 0 and any("(best)" in r["point"] for r in rows), proc.stdout + proc.stderr

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from runner.overrides import key as key_of
 from runner.paths import local
@@ -48,23 +48,35 @@ def check(cfg: DictConfig) -> None:
 
 
 def candidates(cfg: DictConfig) -> list[list[str]]:
-    """Override lists to try (before the plan filters them)."""
+    """Override lists to try (before the plan filters them). A data set's batches: the user's batch per rank
+    (micro-batch x accumulation) split into every micro-batch that divides it. An on-policy method's: micro-batches
+    that divide a step's answers per rank, with the accumulation that keeps the user's optimizer batch (at most the
+    step's answers) and never straddles two steps (runner.driver.checks.chunks)."""
+    from runner import stages
+
     tune, train = cfg.tune, cfg.train
+    method = stages.get(str(cfg.step.name))
     zero_keys = ["zero@step.actor.zero", "zero@step.critic.zero"] if cfg.step.name == "ppo" else ["zero"]
     global_batch = int(train.micro_batch_size) * int(train.gradient_accumulation_steps)  # per rank
-    micros = tune.micro_batch_sizes
-    if micros == "auto":
-        micros = [m for m in (1, 2, 4, 8, 16, 32, 64) if global_batch % m == 0 and m <= global_batch]
     gens = list(tune.generation_batch_sizes or [None]) if cfg.step.name == "ppo" else [None]
     out = []
     for option in tune.zero:
-        for micro in micros:
-            for gen in gens:
+        for gen in gens:
+            rollout = cfg.copy()
+            if gen:
+                rollout.step.generation_batch_size = gen
+            answers, epochs_key = method.rollout_answers(rollout) or (None, None)
+            whole = answers or global_batch
+            micros = tune.micro_batch_sizes
+            if micros == "auto":
+                micros = [m for m in (1, 2, 4, 8, 16, 32, 64) if whole % m == 0 and m <= whole]
+            for micro in micros:
+                gas = max(1, min(global_batch, whole) // micro)
+                if answers:
+                    chunks = answers // micro * int(OmegaConf.select(cfg, epochs_key))
+                    gas = max(g for g in range(1, gas + 1) if chunks % g == 0) if chunks else 1
                 trial = [f"{k}={option}" for k in zero_keys]
-                trial += [
-                    f"train.micro_batch_size={micro}",
-                    f"train.gradient_accumulation_steps={global_batch // micro}",
-                ]
+                trial += [f"train.micro_batch_size={micro}", f"train.gradient_accumulation_steps={gas}"]
                 if gen:
                     trial.append(f"step.generation_batch_size={gen}")
                 out.append(trial)
@@ -211,7 +223,7 @@ def write(result: dict, base: list[str], cfg: DictConfig) -> tuple[Path, str | N
         est = f"{r['est_tokens_per_s']:,.0f}" if r.get("est_tokens_per_s") else ""
         lines.append(
             f"| {r['point']}{mark} | `{' '.join(r['overrides'])}` | {r.get('plan_gb', '')} | {r.get('verdict', '')} | "
-            f"{est} | {r['status']}{(': ' + r['reason']) if r.get('reason') else ''} | "
+            f"{est} | {r['status']}{(': ' + _cell(r['reason'])) if r.get('reason') else ''} | "
             f"{_num(r.get('tokens_per_s'))} | {_num(r.get('peak_mb'))} |"
         )
     command = None
@@ -234,6 +246,11 @@ def write(result: dict, base: list[str], cfg: DictConfig) -> tuple[Path, str | N
     (root / "autotune.md").write_text("\n".join(lines) + "\n")
     _plot(rows, best, root / "autotune.png")
     return root / "autotune.md", command
+
+
+def _cell(text: str) -> str:
+    """A message on one table row: its lines joined, without the "error: " prefix."""
+    return " ".join(line.strip() for line in str(text).splitlines()).removeprefix("error: ").replace("|", "/")
 
 
 def _num(value) -> str:

@@ -76,6 +76,11 @@ class Method:
             f"micro_batch_size × world size × gradient_accumulation_steps{rows}",
         )
 
+    def rollout_answers(self, cfg: DictConfig) -> tuple[int, str] | None:
+        """On-policy methods: the answers each rank trains on per step and the key of their passes over them (their
+        training chunks, runner.driver.checks.chunks); None for methods that train on a data set's batches."""
+        return None
+
     def workload(self, cfg: DictConfig, world: int) -> list:
         """The passes of one training step on each rank (runner.driver.estimate.Pass), for the memory plan and the
         time estimate: by default a training pass of train.micro_batch_size samples of data.max_seq_len tokens (the

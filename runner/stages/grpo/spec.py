@@ -58,6 +58,9 @@ class GRPO(Method):
             "step.rollout.prompts × world size prompts",
         )
 
+    def rollout_answers(self, cfg: DictConfig) -> tuple[int, str]:
+        return answers_per_step(cfg), "step.epochs"
+
     def validate(self, cfg: DictConfig, notes: list[str]) -> None:
         from runner.rl import advantages, kl, losses
 

@@ -63,6 +63,9 @@ class PPO(Method):
             "step.generation_batch_size × world size × step.generation_batches prompts",
         )
 
+    def rollout_answers(self, cfg: DictConfig) -> tuple[int, str]:
+        return int(cfg.step.generation_batch_size) * int(cfg.step.generation_batches), "step.ppo_epochs"
+
     def validate(self, cfg: DictConfig, notes: list[str]) -> None:
         step = cfg.step
         if step.reward_from is None:
@@ -81,9 +84,8 @@ class PPO(Method):
             f"step.generation_batch_size {step.generation_batch_size} x step.generation_batches "
             f"{step.generation_batches}"
         )
-        checks.chunks(
-            cfg, int(step.generation_batch_size) * int(step.generation_batches), step_made_of, "step.ppo_epochs"
-        )
+        answers, epochs_key = self.rollout_answers(cfg)
+        checks.chunks(cfg, answers, step_made_of, epochs_key)
         from runner.rl import advantages
 
         if step.advantage not in advantages.REGISTRY or not advantages.get(step.advantage).needs_values:
