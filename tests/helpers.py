@@ -150,3 +150,22 @@ def tensorboard_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     acc = EventAccumulator(str(folder))
     acc.Reload()
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def spawn_rank(target) -> dict:
+    """`target(port, queue)` in a fresh process (its own process group on a free port); what it put on the queue."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(port, queue))
+    proc.start()
+    out = queue.get(timeout=300)
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
+    return out

@@ -177,3 +177,27 @@ def test_tiny_pipeline_raises_heldout_reward_then_skips_and_resumes(tmp_path):
     assert "ppo: held-out reward (tiny:ground_truth)" in again.stdout
     rm = metrics(pipe / "ppo", "train/reward_mean")
     assert sum(rm[k] for k in range(51, 61)) > sum(rm[k] for k in range(1, 11)) + 1.0
+
+
+@pytest.mark.slow
+def test_gathered_copy_rollouts_equal_the_sharded_engines(sft_run, reward_run, tmp_path):
+    """Two ranks, ZeRO-3 actor and critic: rollouts from the whole copy of the actor (step.rollout.gathered_copy,
+    on by default here) sample the same answers and give the same rewards and losses as rollouts through the
+    sharded engine, step by step."""
+    args = [
+        *PPO,
+        *sources(sft_run, reward_run),
+        "zero@step.actor.zero=stage3",
+        "zero@step.critic.zero=stage3",
+        "deployment=cpu",
+        "deployment.nproc_per_node=2",
+        "train.max_steps=3",
+        "train.eval_every=0",
+        "train.export=false",
+    ]
+    runs = {}
+    for copy in ("true", "false"):
+        (tmp_path / copy).mkdir()
+        runs[copy] = run_dir_of(run_cli(tmp_path / copy, *args, f"step.rollout.gathered_copy={copy}"))
+    for key in ("train/reward_mean", "train/actor_loss", "train/critic_loss", "train/kl", "train/response_length"):
+        assert metrics(runs["true"], key) == pytest.approx(metrics(runs["false"], key), abs=1e-6), key

@@ -11,11 +11,12 @@ loss by more than 1e-3 within the 20 steps (checked below, so the tolerance can 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+
+from tests.helpers import spawn_rank
 
 STEPS = 20
 SKIP_STEPS = 4
@@ -120,25 +121,8 @@ def _curves(port: int, queue) -> None:
     queue.put(out)
 
 
-def _spawn(target) -> dict:
-    """`target(port, queue)` in a fresh process (its own process group on a free port); what it put on the queue."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(port, queue))
-    proc.start()
-    out = queue.get(timeout=300)
-    proc.join(timeout=60)
-    assert proc.exitcode == 0
-    return out
-
-
 def test_lone_rank_skips_allreduce_and_fused_adamw_matches_the_loop():
-    out = _spawn(_train)
+    out = spawn_rank(_train)
     assert out["loop_skipped"] and out["fused_skipped"]  # one rank, ZeRO-0: the runner turns the all-reduce off
     loop, skip, fused = (torch.tensor(out[k], dtype=torch.float32) for k in ("loop", "loop_skip", "fused"))
     assert torch.equal(loop, skip)  # the all-reduce with oneself is the identity: bitwise the same parameters
@@ -152,7 +136,7 @@ def test_lone_rank_skips_allreduce_and_fused_adamw_matches_the_loop():
 
 
 def test_fused_adamw_without_lone_allreduce_matches_the_plain_engine():
-    out = _spawn(_curves)
+    out = spawn_rank(_curves)
     assert out["fused"] is True and out["allreduce"] is False  # the runner's engine takes the fast path
     runner, plain, other = out["runner"], out["plain"], out["other_beta2"]
     assert runner[-1] < runner[0] - 0.5  # it learns (memorises the two batches)

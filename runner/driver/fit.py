@@ -72,6 +72,8 @@ def _memory(cfg: DictConfig, method, configs: dict, sizes: dict, gpus_per_node: 
     hpz = OmegaConf.select(cfg, "zero.zero_hpz_partition_size", default=1)
     if isinstance(hpz, int) and hpz > 1 and int(cfg.zero.stage) == 3:  # ZeRO++ hpZ: a secondary copy within a node
         terms["ZeRO++ hpZ secondary weights"] = w * sizes[""][0] / hpz
+    if OmegaConf.select(cfg, "step.rollout.gathered_copy") is True:  # (runner.train.gathered)
+        terms["whole copy of the policy for rollouts (step.rollout.gathered_copy)"] = w * num_params
     peak_pass, peak_terms = None, {}
     for p in method.workload(cfg, gpus_per_node * nodes):
         arch = arches.get(p.engine) or arches[""]

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from runner.data.batches import pad
 from runner.rl.experience import Experience, action_mask
 from runner.rl.ops import entropy_of, logprobs_of, masked_mean
+from runner.train import gathered
 
 
 def generation_config(gen: DictConfig, pad_id: int, eos_id: int):
@@ -34,7 +35,10 @@ def generation_config(gen: DictConfig, pad_id: int, eos_id: int):
 def generate(
     policy, prompts: list[list[int]], config, pad_id: int, eos_id: int, device, synced: bool
 ) -> list[list[int]]:
-    """Answers (token ids, up to and including eos) to prompts, left-padded together into one batch."""
+    """Answers (token ids, up to and including eos) to prompts, left-padded together into one batch. `policy`: the
+    engine, or its gathered copy (runner.train.gathered: refreshed first; whole, so no lockstep)."""
+    policy = gathered.current(policy)
+    synced = synced and policy.zero_optimization_partition_weights()
     ids, mask = pad(prompts, pad_id, side="left")
     policy.eval()
     with torch.no_grad():
@@ -61,6 +65,7 @@ def experience(
     """Prompt+answer rows, right-padded, scored: the answer tokens' log-probs under the policy (and the reference),
     the policy's mean entropy over them, the critic's values, and `score(ids, mask, prompt_lens)` per answer (a
     judge's (scores, {term: scores}) keeps each term's too)."""
+    policy = gathered.current(policy)
     ids, mask = pad([p + a for p, a in zip(prompts, answers)], pad_id)
     actions = action_mask([len(p) for p in prompts], [len(a) for a in answers], ids.size(1))
     ids, mask, actions = ids.to(device), mask.to(device), actions.to(device)

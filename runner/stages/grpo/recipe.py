@@ -30,7 +30,7 @@ from runner.data import batches
 from runner.data.prepare import load_prepared
 from runner.rl import advantages as estimators, kl, losses
 from runner.rl.experience import Experience
-from runner.train import checkpoint, engine as eng, loop, models, onpolicy, rollout
+from runner.train import checkpoint, engine as eng, gathered, loop, models, onpolicy, rollout
 from runner.train.engine import Dist
 
 
@@ -67,6 +67,8 @@ class GRPOTask:
 
         self.gen_config = rollout.generation_config(step.generation, self.pad, self.eos)
         self.synced = self.actor.zero_optimization_partition_weights() and dist.world > 1  # ZeRO-3: lockstep
+        # rollouts (generation and the policy's log-probs of the answers) by the engine or its whole copy
+        self.sampler = gathered.for_rollouts(self.actor, step.rollout.gathered_copy, cfg.lora, cfg.lora.r)
         self.estimator = estimators.get(str(step.advantage))
         self.n, self.per_rank, self.micro = (
             int(step.rollout.n),
@@ -85,13 +87,13 @@ class GRPOTask:
         prompt_ids = [r["prompt_ids"] for r in repeated]
         t0 = eng.now(self.dist.device)
         answers = rollout.generate(
-            self.actor, prompt_ids, config or self.gen_config, self.pad, self.eos, self.dist.device, self.synced
+            self.sampler, prompt_ids, config or self.gen_config, self.pad, self.eos, self.dist.device, self.synced
         )
         t1 = eng.now(self.dist.device)
         extras = [json.loads(r.get("extra") or "{}") for r in repeated]
         score = lambda ids, mask, lens: self.judge(ids, mask, lens, extras)
         exp = rollout.experience(
-            prompt_ids, answers, self.pad, self.dist.device, self.actor, score, reference=self.reference
+            prompt_ids, answers, self.pad, self.dist.device, self.sampler, score, reference=self.reference
         )
         exp.groups = torch.arange(len(rows), device=self.dist.device).repeat_interleave(self.n)
         overlong = self.step_cfg.overlong
@@ -231,7 +233,7 @@ class GRPOTask:
         """The judge's mean score (each term's, the pass rate), KL to the reference and answer length on the eval
         prompts (fixed seed)."""
         return onpolicy.judged_heldout(
-            self.actor,
+            self.sampler,
             self.eval_prompts,
             self.judge,
             self.cfg,

@@ -89,6 +89,7 @@ class GRPO(Method):
             )
         checks.lengths(cfg, self.positions(cfg), notes)
         checks.generation(cfg)
+        checks.gathered_copy(cfg, int(cfg.zero.stage), notes)
         checks.positive_int(cfg, "step.rollout.n", "step.rollout.prompts", "step.epochs")
         checks.positive_int(cfg, "step.dynamic_sampling.max_batches", "step.overlong.buffer")
         checks.non_negative(cfg, "step.kl.coef", "step.cliprange_low", "step.cliprange_high", "step.overlong.factor")
