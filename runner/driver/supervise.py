@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from runner.driver import finish
 from runner.driver.console import Console
 
 ERROR_LINE = re.compile(r"(Error|error:|Killed|out of memory|OOM|Traceback)")
@@ -112,6 +113,7 @@ def launch(cmd: list[str], env: dict, run_dir: Path, header: str) -> Outcome:
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True
         ) as proc:
             stopper.proc = proc
+            early = finish.EarlyFinish(run_dir, proc)
             for line in proc.stdout:
                 if log is not None:
                     try:
@@ -124,6 +126,8 @@ def launch(cmd: list[str], env: dict, run_dir: Path, header: str) -> Outcome:
                     last_error = line.strip().removeprefix("[rank0]: ").removeprefix("[rank1]: ")
                 codes += [int(c) for c in RETURN_CODE.findall(line)]
             rc = proc.wait()
+            if early.fired:  # every rank had ended cleanly and exited: the launcher was only winding down
+                rc = 0
             if rc != 0:  # a launcher that died leaves no rank of its session behind
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
