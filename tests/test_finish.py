@@ -22,6 +22,7 @@ def _run_dir(tmp_path, states: list[str], host: str | None = None, alive: bool =
             p.wait()
         procs.append(p)
         record = {"rank": rank, "pid": p.pid, "host": host or socket.gethostname(), "state": state}
+        record["started"] = time.time()
         (tmp_path / "ranks" / f"{rank}.json").write_text(json.dumps(record))
     return procs
 
@@ -31,10 +32,10 @@ def _launcher():
 
 
 def test_a_launcher_that_outlives_its_finished_ranks_is_ended(tmp_path):
-    _run_dir(tmp_path, ["completed", "completed"])
     launcher = _launcher()
     started = time.time()
     watcher = finish.EarlyFinish(tmp_path, launcher)
+    _run_dir(tmp_path, ["completed", "completed"])  # (the ranks' records: written after the launcher started)
     launcher.wait(timeout=10)
     assert watcher.fired and time.time() - started < 2
 
@@ -54,6 +55,8 @@ def test_no_early_end_while_a_rank_runs_has_failed_or_lives_elsewhere(tmp_path):
             p.wait()
     (tmp_path / "missing").mkdir()
     assert not finish.all_done(tmp_path / "missing")  # no summary yet
+    _run_dir(tmp_path / "earlier", ["completed"])
+    assert finish.all_done(tmp_path / "earlier") and not finish.all_done(tmp_path / "earlier", since=time.time() + 1)
     launcher = _launcher()
     watcher = finish.EarlyFinish(tmp_path / "running", launcher)
     time.sleep(0.5)

@@ -40,9 +40,12 @@ def _gone(pid: int) -> bool:
         return False
 
 
-def all_done(run_dir: Path) -> bool:
-    """Every rank of the run (summary.json's world size) recorded a clean end on this host and has exited."""
+def all_done(run_dir: Path, since: float = 0.0) -> bool:
+    """Every rank of the run (summary.json's world size) recorded a clean end on this host and has exited; only
+    records and a summary written after `since` count (a resumed run's directory holds its earlier attempt's)."""
     try:
+        if (run_dir / "summary.json").stat().st_mtime < since:
+            return False
         world = int(json.loads((run_dir / "summary.json").read_text())["world_size"])
         records = [json.loads(p.read_text()) for p in (run_dir / "ranks").glob("*.json")]
     except (OSError, ValueError, KeyError, TypeError):
@@ -50,7 +53,7 @@ def all_done(run_dir: Path) -> bool:
     host = socket.gethostname()
     return (
         len(records) == world
-        and all(r.get("state") in DONE and r.get("host") == host for r in records)
+        and all(r.get("state") in DONE and r.get("host") == host and r.get("started", 0) >= since for r in records)
         and all(_gone(int(r["pid"])) for r in records)
     )
 
@@ -61,12 +64,13 @@ class EarlyFinish:
 
     def __init__(self, run_dir: Path, proc, interval: float = 0.05):
         self.run_dir, self.proc, self.interval, self.fired = run_dir, proc, interval, False
+        self.since = time.time()
         self.thread = threading.Thread(target=self._watch, daemon=True, name="early-finish")
         self.thread.start()
 
     def _watch(self) -> None:
         while self.proc.poll() is None:
-            if all_done(self.run_dir):
+            if all_done(self.run_dir, self.since):
                 deadline = time.time() + GRACE_S
                 while time.time() < deadline and self.proc.poll() is None:
                     time.sleep(0.02)
