@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # (bench._revisions, when run as a script)
 SHORT = ["train.eval_max_batches=1", "train.save_every=0"]
 
 
@@ -48,7 +49,7 @@ def run(root: Path, cwd: str, overrides: list[str]) -> tuple[float, float, list[
     for line in proc.stdout:
         if line.startswith("done in "):
             done = time.perf_counter()
-        if launched is None and line.startswith("launch: "):
+        if launched is None and line.startswith(("launch: ", "launching ")):  # (the quiet console: "launching")
             launched = time.perf_counter() - began
         if line.startswith("run directory: "):
             dirs.append(Path(cwd, line.split(": ", 1)[1].strip()))

@@ -146,6 +146,8 @@ def same_tokenizers(cfg: DictConfig, keys: tuple[str, ...]) -> None:
         for k in keys
         if step.get(k) and is_local_path(str(step[k])) and (Path(str(step[k])) / "tokenizer_config.json").is_file()
     ]
+    if len({_tokenizer_files(Path(str(step[k]))) for k in present}) <= 1:
+        return  # byte-identical tokenizer files (every export of one pipeline): the same tokenizer, nothing to load
     prints = {}
     for key in present:
         tok = modeling.load_tokenizer(OmegaConf.create({"tokenizer": str(step[key])}), key=f"step.{key}")
@@ -159,6 +161,31 @@ def same_tokenizers(cfg: DictConfig, keys: tuple[str, ...]) -> None:
                 "other writes",
                 "train every model with the same tokenizer (the same model.tokenizer in every stage)",
             )
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+)
+
+
+def _tokenizer_files(path: Path) -> str:
+    """A digest of a model directory's tokenizer files (names and bytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        if (path / name).is_file():
+            digest.update(name.encode() + b"\0" + (path / name).read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def lengths(cfg: DictConfig, positions: int | None, notes: list[str], default: int = 256) -> None:
