@@ -136,58 +136,6 @@ def source(step_key: str, value: str, kinds: tuple[str, ...], what: str, example
     return str(path.resolve())
 
 
-def same_tokenizers(cfg: DictConfig, keys: tuple[str, ...]) -> None:
-    """Models of one method that read each other's tokens (actor, critic, reward model) must share a tokenizer."""
-    from runner import modeling
-
-    step = cfg.step
-    present = [
-        k
-        for k in keys
-        if step.get(k) and is_local_path(str(step[k])) and (Path(str(step[k])) / "tokenizer_config.json").is_file()
-    ]
-    if len({_tokenizer_files(Path(str(step[k]))) for k in present}) <= 1:
-        return  # byte-identical tokenizer files (every export of one pipeline): the same tokenizer, nothing to load
-    prints = {}
-    for key in present:
-        tok = modeling.load_tokenizer(OmegaConf.create({"tokenizer": str(step[key])}), key=f"step.{key}")
-        prints[key] = modeling.tokenizer_fingerprint(tok)
-    for key in present[1:]:
-        if prints[key] != prints[present[0]]:
-            raise ConfigError(
-                f"step.{key}",
-                f"its tokenizer ({step[key]}) differs from the one of "
-                f"step.{present[0]} ({step[present[0]]}): one model would read other tokens than the "
-                "other writes",
-                "train every model with the same tokenizer (the same model.tokenizer in every stage)",
-            )
-
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "chat_template.jinja",
-)
-
-
-def _tokenizer_files(path: Path) -> str:
-    """A digest of a model directory's tokenizer files (names and bytes)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in TOKENIZER_FILES:
-        if (path / name).is_file():
-            digest.update(name.encode() + b"\0" + (path / name).read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
 def lengths(cfg: DictConfig, positions: int | None, notes: list[str], default: int = 256) -> None:
     """step.max_prompt_len and step.generation.max_new_tokens of a method that generates: `auto` is DeepSpeed-Chat's
     256 each, capped to fit the model's positions (half for the prompt); prompt + answer must fit them."""

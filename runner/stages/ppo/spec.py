@@ -125,7 +125,9 @@ class PPO(Method):
         return OmegaConf.select(cfg, "model.arch.max_position_embeddings")
 
     def check_sources(self, cfg: DictConfig) -> None:
-        checks.same_tokenizers(cfg, ("actor_from", "critic_from", "reward_from"))
+        from runner.driver.tokenizers import same_tokenizers
+
+        same_tokenizers(cfg, ("actor_from", "critic_from", "reward_from"))
 
     def prepare_extra(self, cfg: DictConfig, tokenizer, cache_root: Path) -> dict | None:
         uns = cfg.step.unsupervised
