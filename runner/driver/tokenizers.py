@@ -7,20 +7,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import ConfigError
+from runner.modeling import TOKENIZER_FILES
 from runner.paths import is_local_path
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "chat_template.jinja",
-)
 
 
 def _tokenizer_files(path: Path) -> str:
