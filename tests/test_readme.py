@@ -32,10 +32,9 @@ def test_the_readme_has_commands():
     assert len(readme_commands()) > 15
 
 
-@pytest.mark.parametrize("command", readme_commands())
-def test_readme_command_plans(command, tmp_path):
-    actor, reward = fake_exports()
-    data = write_jsonl(tmp_path / "pairs.jsonl", [{"question": "q", "chosen": "a", "rejected": "b"}] * 50)
+def _plan(command: str, cwd, actor, reward) -> subprocess.CompletedProcess:
+    """One README command as the test runs it: stand-ins swapped in, dry_run=true appended (a tool's --help)."""
+    data = write_jsonl(cwd / "pairs.jsonl", [{"question": "q", "chosen": "a", "rejected": "b"}] * 50)
     swaps = {
         "outputs/reward/<run>/export": str(reward),
         "outputs/sft/<run>/export": str(actor),
@@ -56,9 +55,28 @@ def test_readme_command_plans(command, tmp_path):
     if "hparams_search=" in command:  # (an Optuna search plans each trial it samples: two show that it runs)
         args.append("hydra.sweeper.n_trials=2")
     cmd = [sys.executable, "-m", module or "runner", *(["--help"] if module else [*args, "dry_run=true"])]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory) -> dict:
+    """Every README command planned once, two at a time (each a single-threaded driver: the two cores are used), each
+    in a directory of its own: command -> (its process, its directory)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    actor, reward = fake_exports()
+    commands = list(dict.fromkeys(readme_commands()))
+    dirs = [tmp_path_factory.mktemp("readme") for _ in commands]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = list(pool.map(lambda c, d: _plan(c, d, actor, reward), commands, dirs))
+    return {c: (p, d) for c, p, d in zip(commands, procs, dirs)}
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_readme_command_plans(command, planned):
+    proc, cwd = planned[command]
     if "deployment=slurm" in command and not __import__("shutil").which("srun"):  # (not a SLURM machine)
         assert proc.returncode == 2 and "srun is not on this machine" in proc.stderr, proc.stderr[-2000:]
         return
     assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("checkpoints"))  # nothing trained
+    assert not list(cwd.rglob("metrics.jsonl")) and not list(cwd.rglob("checkpoints"))  # nothing trained
