@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CUDA paths of the runner on one GPU: bf16 + DeepSpeed's FusedAdam + hybrid engine (ZeRO-2), fp16 + ZeRO-3 actor
-# and critic + EMA + LoRA, bf16 SFT; PPO time per step split into generation / experience / training; the memory
+# and critic + EMA + LoRA, bf16 SFT, ZeRO-3 rollouts from a whole copy vs the shards; PPO time per step split into generation / experience / training; the memory
 # plan's calibration (predicted vs measured peak per device).
 #   bash bench/gpu_check.sh OUT_DIR SFT_EXPORT REWARD_EXPORT
 # Writes each run's log tail and summary.json into OUT_DIR and prints a table.
@@ -27,6 +27,12 @@ run ppo_bf16_zero2_fusedadam_he $P precision=bf16 optimizer.impl=deepspeed zero=
 run ppo_fp16_zero3_ema_lora $P precision=fp16 optimizer.impl=deepspeed zero=stage3 zero@step.critic.zero=stage3 \
     step.hybrid_engine.enabled=true step.ema.enabled=true lora.r=8 train.max_steps=20 train.eval_every=10
 run sft_bf16 precision=bf16 deployment=single_gpu optimizer.impl=deepspeed train.max_steps=100
+# a ZeRO-3 actor's rollouts from its whole copy vs through its shards (step.rollout.gathered_copy): the same rewards,
+# and the generation time of each
+run ppo_bf16_zero3_copy $P precision=bf16 optimizer.impl=deepspeed zero=stage3 zero@step.critic.zero=stage3 \
+    train.max_steps=20 train.eval_every=10
+run ppo_bf16_zero3_shards $P precision=bf16 optimizer.impl=deepspeed zero=stage3 zero@step.critic.zero=stage3 \
+    step.rollout.gathered_copy=false train.max_steps=20 train.eval_every=10
 # what one device shows of the parallelism issue: ZeRO++ (qwZ + qgZ, hpZ=1), Lion and Muon on CUDA
 run sft_zeropp precision=bf16 deployment=single_gpu zero=stage3_zeropp zero.zero_hpz_partition_size=1 train.max_steps=50
 run sft_lion precision=bf16 deployment=single_gpu optimizer=lion train.max_steps=50
