@@ -19,12 +19,13 @@ that drift of a shared machine cancels.
 import argparse
 import json
 import random
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.bench_sft import run_runner  # noqa: E402
 
 WORDS = "the river was splendid and excellent pizza charming rude perfect poor awful gloomy cheerful brilliant".split()
 
@@ -40,10 +41,9 @@ def write_data(path: Path, rows: int, seed: int) -> None:
 
 
 def run(cwd: str, data: Path, packed: bool, micro: int, steps: int, log_every: int) -> tuple[list[float], float]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "runner",
+    """One SFT run on `data` (bench_sft.run_runner: no evaluation, checkpoint or export); its interval tokens/s and
+    mean padding share, the warm-up and the last interval dropped."""
+    extra = [
         "data=local",
         f"data.sets.local.path={data}",
         "data.split=[1,0,0]",
@@ -51,15 +51,8 @@ def run(cwd: str, data: Path, packed: bool, micro: int, steps: int, log_every: i
         "data.max_seq_len=256",
         f"data.packing={str(packed).lower()}",
         f"train.micro_batch_size={micro}",
-        f"train.max_steps={steps}",
-        f"train.log_every={log_every}",
-        "train.eval_every=0",
-        "train.eval_max_batches=1",
-        "train.save_every=0",
-        "train.export=false",
     ]
-    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=True).stdout
-    run_dir = Path(re.search(r"^run directory: (.+)$", out, re.MULTILINE).group(1))
+    run_dir, _, _ = run_runner(cwd, "stage0", steps, log_every, extra=extra)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "train/tokens_per_s" in r][1:-1]  # warm-up and the last interval dropped
     return [r["train/tokens_per_s"] for r in train], statistics.mean(r["train/padding_share"] for r in train)
