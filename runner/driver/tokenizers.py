@@ -7,19 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import ConfigError
-from runner.modeling import TOKENIZER_FILES
 from runner.paths import is_local_path
-
-
-def _tokenizer_files(path: Path) -> str:
-    """A digest of a model directory's tokenizer files (names and bytes)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in TOKENIZER_FILES:
-        if (path / name).is_file():
-            digest.update(name.encode() + b"\0" + (path / name).read_bytes() + b"\0")
-    return digest.hexdigest()
 
 
 def same_tokenizers(cfg: DictConfig, keys: tuple[str, ...]) -> None:
@@ -32,7 +20,7 @@ def same_tokenizers(cfg: DictConfig, keys: tuple[str, ...]) -> None:
         for k in keys
         if step.get(k) and is_local_path(str(step[k])) and (Path(str(step[k])) / "tokenizer_config.json").is_file()
     ]
-    if len({_tokenizer_files(Path(str(step[k]))) for k in present}) <= 1:
+    if len({modeling.tokenizer_key(str(step[k]), load=None) for k in present}) <= 1:
         return  # byte-identical tokenizer files (every export of one pipeline): the same tokenizer, nothing to load
     prints = {}
     for key in present:
