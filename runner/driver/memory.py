@@ -135,12 +135,12 @@ def trained_states(
     return int(cpu), int(weights + grads + optim), how
 
 
-def step_buffer(ds: dict, trainable: int, gpus: int, torch_optimizer: bool) -> int:
-    """Bytes per device torch's for-loop/foreach AdamW allocates during its step (one fp32 tensor per parameter of its
-    partition; `torch_optimizer` is true for that one only); torch's fused kernel and DeepSpeed's fused and CPU
-    optimizers allocate none."""
+def step_buffer(ds: dict, trainable: int, gpus: int, unfused_torch: bool) -> int:
+    """Bytes per device torch's for-loop/foreach AdamW (`unfused_torch`: optimizer.impl=torch, optimizer.fused=false)
+    allocates during its step (one fp32 tensor per parameter of its partition); torch's fused kernel and DeepSpeed's
+    fused and CPU optimizers allocate none."""
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
-    return int(4 * trainable / (gpus if stage >= 1 else 1)) if torch_optimizer else 0
+    return int(4 * trainable / (gpus if stage >= 1 else 1)) if unfused_torch else 0
 
 
 def run_memory(cfg: DictConfig, configs: dict, sizes: dict, gpus_per_node: int, nodes: int) -> dict:
