@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CUDA paths of the runner on one GPU: bf16 + DeepSpeed's FusedAdam + hybrid engine (ZeRO-2), fp16 + ZeRO-3 actor
-# and critic + EMA + LoRA, bf16 SFT, ZeRO-3 rollouts from a whole copy vs the shards; PPO time per step split into generation / experience / training; the memory
+# and critic + EMA + LoRA, bf16 SFT, ZeRO-3 rollouts from a whole copy vs the shards, rollouts through vLLM vs
+# generate() (when vllm is installed); PPO time per step split into generation / experience / training; the memory
 # plan's calibration (predicted vs measured peak per device).
 #   bash bench/gpu_check.sh OUT_DIR SFT_EXPORT REWARD_EXPORT
 # Writes each run's log tail and summary.json into OUT_DIR and prints a table.
@@ -37,6 +38,18 @@ run ppo_bf16_zero3_shards $P precision=bf16 optimizer.impl=deepspeed zero=stage3
 run sft_zeropp precision=bf16 deployment=single_gpu zero=stage3_zeropp zero.zero_hpz_partition_size=1 train.max_steps=50
 run sft_lion precision=bf16 deployment=single_gpu optimizer=lion train.max_steps=50
 run sft_muon precision=bf16 deployment=single_gpu optimizer=muon train.max_steps=50
+# rollouts through vLLM vs transformers' generate() (step.rollout.backend), same model, sampling and steps: the
+# generation time per step of each, and vLLM's log-prob mismatch with the actor (train/logprob_mismatch)
+if python3 -c "import vllm" 2>/dev/null; then
+  run ppo_bf16_zero3_hf $P precision=bf16 optimizer.impl=deepspeed zero=stage3 zero@step.critic.zero=stage3 \
+      train.max_steps=20 train.eval_every=10
+  run ppo_bf16_zero3_vllm $P precision=bf16 optimizer.impl=deepspeed zero=stage3 zero@step.critic.zero=stage3 \
+      step.rollout.backend=vllm train.max_steps=20 train.eval_every=10
+  run ppo_bf16_zero2_lora_vllm $P precision=bf16 optimizer.impl=deepspeed zero=stage2 lora.r=8 \
+      step.rollout.backend=vllm step.rollout.vllm.sleep_level=1 train.max_steps=10 train.eval_every=5
+else
+  echo "== vllm: not installed here (pip install .[vllm]); step.rollout.backend=vllm NOT checked"
+fi
 # the memory plan against torch.cuda.max_memory_allocated (one-rank cases; bench/calibrate_memory.py)
 python3 bench/calibrate_memory.py --gpu > "$OUT/calibrate_memory.md" 2>&1; tail -n 20 "$OUT/calibrate_memory.md"
 python3 - "$OUT" <<'PY'
@@ -48,7 +61,8 @@ for path in sorted(pathlib.Path("/tmp/gpu_check").glob("*/metrics.jsonl")):
         med = lambda k: statistics.median(r[k] for r in rows[3:] if k in r)
         print(f"{path.parent.name}: gen {med('train/gen_time_s'):.3f} s  experience {med('train/experience_time_s'):.3f} s"
               f"  train {med('train/train_time_s'):.3f} s per step; eval reward {s.get('eval_reward_initial')} -> "
-              f"{s.get('eval_reward_final')}; {s.get('hybrid_engine')}")
+              f"{s.get('eval_reward_final')}; {s.get('hybrid_engine')}"
+              + (f"; logprob mismatch {med('train/logprob_mismatch'):.4f}" if any("train/logprob_mismatch" in r for r in rows) else ""))
     else:
         print(f"{path.parent.name}: loss {s.get('train_loss_first')} -> {s.get('train_loss_last')}")
 PY

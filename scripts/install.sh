@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install runner and its dependencies into the active Python environment (a venv is recommended):
 #   python3 -m venv .venv && . .venv/bin/activate && bash scripts/install.sh
+#   EXTRAS=vllm bash scripts/install.sh      # on a GPU machine: also vLLM, for step.rollout.backend=vllm
 #
 # torch is installed first so that the right build is chosen:
 #   - a machine with an NVIDIA GPU (nvidia-smi works) gets PyPI's default Linux wheel, which is the CUDA build;
@@ -30,7 +31,14 @@ else
   fi
 fi
 # DeepSpeed builds its ops just in time when they are first used (DS_BUILD_OPS=0): no CUDA toolkit needed to install.
-DS_BUILD_OPS=0 $PIP install -e ".[dev]"
+# EXTRAS=vllm adds vLLM for step.rollout.backend=vllm (GPU machines only; it brings its own CUDA torch build).
+extras="dev${EXTRAS:+,$EXTRAS}"
+if [[ ",${EXTRAS:-}," == *",vllm,"* ]] && ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
+  echo "install: EXTRAS=vllm: vLLM runs on NVIDIA GPUs and this machine has none (nvidia-smi finds no GPU);" \
+       "install without it and use step.rollout.backend=hf here" >&2
+  exit 2
+fi
+DS_BUILD_OPS=0 $PIP install -e ".[$extras]"
 if ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
   # On CPU DeepSpeed's all-reduce between ranks is a C++ op compiled on first use (a minute or more, into
   # ~/.cache/torch_extensions): compile it now rather than inside the first run.

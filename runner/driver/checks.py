@@ -14,7 +14,7 @@ from runner.errors import ConfigError
 from runner.paths import export_kind, is_local_path, local
 
 
-def _number(value) -> bool:
+def number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -28,21 +28,21 @@ def positive_int(cfg: DictConfig, *keys: str) -> None:
 def in_range(cfg: DictConfig, low: float, high: float, *keys: str) -> None:
     for key in keys:
         value = OmegaConf.select(cfg, key)
-        if not _number(value) or not low <= value <= high:
+        if not number(value) or not low <= value <= high:
             raise ConfigError(key, f"must be a number in [{low}, {high}], got {value!r}")
 
 
 def non_negative(cfg: DictConfig, *keys: str) -> None:
     for key in keys:
         value = OmegaConf.select(cfg, key)
-        if not _number(value) or value < 0:
+        if not number(value) or value < 0:
             raise ConfigError(key, f"must be a non-negative number, got {value!r}")
 
 
 def positive(cfg: DictConfig, *keys: str, example: str = "1e-5") -> None:
     for key in keys:
         value = OmegaConf.select(cfg, key)
-        if not _number(value) or value <= 0:
+        if not number(value) or value <= 0:
             raise ConfigError(key, f"must be a positive number, got {value!r}", f"e.g. {key}={example}")
 
 
@@ -178,31 +178,6 @@ def generation(cfg: DictConfig, key: str = "step.generation") -> None:
     positive(cfg, f"{key}.repetition_penalty", example="1.0")
 
 
-def gathered_copy(cfg: DictConfig, stage: int, notes: list[str], hybrid: bool = False) -> None:
-    """step.rollout.gathered_copy: auto -> true for a ZeRO-3 policy (runner.train.gathered), false otherwise; true
-    where the policy is already whole, or with DeepSpeed's hybrid engine or tensor parallelism, is refused."""
-    key, value = "step.rollout.gathered_copy", OmegaConf.select(cfg, "step.rollout.gathered_copy")
-    tensor = int(OmegaConf.select(cfg, "parallel.tensor", default=1) or 1)
-    if value == "auto":
-        value = stage == 3 and not hybrid and tensor == 1
-        cfg.step.rollout.gathered_copy = value
-        if value:
-            notes.append(
-                f"{key}: the ZeRO-3 policy generates from a whole copy of its weights on each device, refreshed after "
-                f"each update (one more model per device, in the plan); {key}=false generates through the shards"
-            )
-        return
-    if not isinstance(value, bool):
-        raise ConfigError(key, f"must be auto, true or false, got {value!r}")
-    if value and stage != 3:
-        raise ConfigError(
-            key, f"the policy is at ZeRO stage {stage}: its weights are whole already", f"drop {key}=true (or auto)"
-        )
-    if value and (hybrid or tensor > 1):
-        what = "DeepSpeed's hybrid engine gathers the actor itself" if hybrid else "tensor-parallel shards"
-        raise ConfigError(key, f"cannot be used with {what}", f"set {key}=false (or auto)")
-
-
 def writable_dir(path: Path, key: str) -> None:
     """A directory the run will create or write into: its nearest existing ancestor must be a directory this user
     can write (probed with a temporary file, which is removed: root passes every permission check)."""
@@ -242,7 +217,7 @@ def reward(cfg: DictConfig, required: bool = False, key: str = "reward") -> None
         where = f"{key}.terms.{i}"
         if bool(term.get("fn")) == bool(term.get("model")):
             raise ConfigError(where, "needs exactly one of `fn` (package.module:function) or `model` (a reward export)")
-        if not _number(term.get("weight", 1.0)):
+        if not number(term.get("weight", 1.0)):
             raise ConfigError(f"{where}.weight", f"must be a number, got {term.get('weight')!r}")
         if term.get("fn"):
             module, sep, name = str(term.fn).partition(":")

@@ -75,7 +75,10 @@ def _memory(cfg: DictConfig, method, configs: dict, sizes: dict, gpus_per_node: 
     if OmegaConf.select(cfg, "step.rollout.gathered_copy") is True:  # (runner.train.gathered)
         terms["whole copy of the policy for rollouts (step.rollout.gathered_copy)"] = w * num_params
     peak_pass, peak_terms = None, {}
+    vllm = OmegaConf.select(cfg, "step.rollout.backend") == "vllm"
     for p in method.workload(cfg, gpus_per_node * nodes):
+        if vllm and p.kind == "generate":  # vLLM's KV cache is inside its own share (below)
+            continue
         arch = arches.get(p.engine) or arches[""]
         if sequence > 1 or tensor > 1:  # Ulysses: 1/sequence of every sequence; AutoTP: 1/tensor of the wide parts
             p = dataclasses.replace(p, seq=max(1, p.seq // sequence))
@@ -83,11 +86,14 @@ def _memory(cfg: DictConfig, method, configs: dict, sizes: dict, gpus_per_node: 
         got = pass_bytes(arch, p, w, _checkpointing(cfg, p.engine))
         if sum(got.values()) > sum(peak_terms.values()):
             peak_pass, peak_terms = p, got
+    before = set(terms)
     buffers = max((e["step_buffer_gb"] * GB for e in states["engines"].values()), default=0)
     if buffers > sum(peak_terms.values()):  # the optimizer's step comes after the activations are freed
         terms["optimizer step buffer (torch AdamW)"] = buffers
     else:
         terms.update({f"{term} ({peak_pass.what})": v for term, v in peak_terms.items() if v})
+    if vllm:
+        _vllm_share(cfg, terms, set(terms) - before, float(hw.device_memory_gb) * GB)
     peak = sum(terms.values()) / GB
     capacity = float(hw.device_memory_gb)
     headroom = 1 - peak / capacity
@@ -111,6 +117,20 @@ def _memory(cfg: DictConfig, method, configs: dict, sizes: dict, gpus_per_node: 
         "host_capacity_gb": host_cap,
         "model_states": states,
     }
+
+
+def _vllm_share(cfg: DictConfig, terms: dict, training: set, capacity: float) -> None:
+    """vLLM's share of the device (step.rollout.backend=vllm: its weights and KV cache while it generates), beside the
+    model states. Asleep (sleep_level 1/2) it frees the share while DeepSpeed trains, so the peak is the larger of
+    the share and the training pass's `training` terms; awake (0) it adds to them."""
+    v = cfg.step.rollout.vllm
+    share = float(v.gpu_memory_utilization) * capacity
+    if int(v.sleep_level) == 0:
+        terms["vLLM rollout engine (awake throughout)"] = share
+    elif share > sum(terms[k] for k in training):
+        for k in training:
+            del terms[k]
+        terms["vLLM rollout engine (while it generates; asleep while training)"] = share
 
 
 def _degrees(cfg: DictConfig) -> tuple[int, int]:

@@ -33,6 +33,7 @@ class Experience:
     values: torch.Tensor | None = None  # (B, L) the critic's values (None: no critic)
     term_scores: torch.Tensor | None = None  # (B, K) each term of the judge's score (None: one term)
     groups: torch.Tensor | None = None  # (B,) the prompt each answer answers (critic-free methods: n per prompt)
+    rollout_logprobs: torch.Tensor | None = None  # (B, L) the log-probs vLLM sampled with (None: the policy sampled)
 
     PAD_FIELDS = {"input_ids"}  # padded with the pad token; every other (B, T/L) field with 0
     ROW_FIELDS = {"scores", "term_scores", "groups"}  # one entry (or vector) per answer: never padded

@@ -77,6 +77,9 @@ def step_metrics(
     kl = ((exp.logprobs - exp.ref_logprobs) * mask).sum(1).sum() if exp.ref_logprobs is not None else torch.zeros(())
     values = (exp.values * mask).sum() if exp.values is not None else torch.zeros(())
     returns_sum = returns.sum() if returns is not None else torch.zeros(())
+    mismatch = []  # vLLM sampled: |its log-probs - the actor's| summed over the answer tokens (rollout.experience)
+    if exp.rollout_logprobs is not None:
+        mismatch = [float(((exp.rollout_logprobs - exp.logprobs).abs() * mask).sum())]
     reduced = eng.all_reduce_sum(
         [local[k] for k in keys]
         + [
@@ -88,11 +91,12 @@ def step_metrics(
             float(returns_sum),
             float(values),
             *times,
+            *mismatch,
         ],
         dist.device,
     )
     means = {k: v / dist.world for k, v in zip(keys, reduced)}
-    kl_sum, gen_tokens, all_tokens, entropy, adv_sum, ret_sum, val_sum, g_t, e_t, t_t = reduced[len(keys) :]
+    kl_sum, gen_tokens, all_tokens, entropy, adv_sum, ret_sum, val_sum, g_t, e_t, t_t = reduced[len(keys) :][:10]
     reward_mean = score_sum / max(n_answers, 1)
     out = {
         "reward_mean": reward_mean,
@@ -113,6 +117,7 @@ def step_metrics(
         "samples_per_s": n_answers / max(step_time, 1e-9),  # answers generated and trained on
         "tokens": all_tokens,
         "answers": n_answers,
+        "logprob_mismatch": reduced[-1] / max(gen_tokens, 1) if mismatch else None,
         "peak_memory_mb": eng.gather_objects(round(eng.peak_memory_mb(dist.device), 1), dist.world),
     }
     return {k: v for k, v in out.items() if v is not None}

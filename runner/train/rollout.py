@@ -12,7 +12,11 @@ from omegaconf import DictConfig
 from runner.data.batches import pad
 from runner.rl.experience import Experience, action_mask
 from runner.rl.ops import entropy_of, logprobs_of, masked_mean
-from runner.train import gathered
+from runner.train import gathered, vllm_rollout
+
+
+def is_vllm(policy) -> bool:
+    return isinstance(policy, vllm_rollout.VllmRollout)
 
 
 def generation_config(gen: DictConfig, pad_id: int, eos_id: int):
@@ -36,7 +40,10 @@ def generate(
     policy, prompts: list[list[int]], config, pad_id: int, eos_id: int, device, synced: bool
 ) -> list[list[int]]:
     """Answers (token ids, up to and including eos) to prompts, left-padded together into one batch. `policy`: the
-    engine, or its gathered copy (runner.train.gathered: refreshed first; whole, so no lockstep)."""
+    engine, its gathered copy (runner.train.gathered: refreshed first; whole, so no lockstep), or vLLM
+    (runner.train.vllm_rollout: weights pushed first)."""
+    if is_vllm(policy):
+        return policy.generate(prompts, config, eos_id)
     policy = gathered.current(policy)
     synced = synced and policy.zero_optimization_partition_weights()
     ids, mask = pad(prompts, pad_id, side="left")
@@ -64,8 +71,10 @@ def experience(
 ) -> Experience:
     """Prompt+answer rows, right-padded, scored: the answer tokens' log-probs under the policy (and the reference),
     the policy's mean entropy over them, the critic's values, and `score(ids, mask, prompt_lens)` per answer (a
-    judge's (scores, {term: scores}) keeps each term's too)."""
-    policy = gathered.current(policy)
+    judge's (scores, {term: scores}) keeps each term's too). Answers vLLM sampled are scored by the actor's engine;
+    vLLM's own log-probs of them are kept beside (Experience.rollout_logprobs) for the mismatch metric."""
+    sampled = policy.last_logprobs if is_vllm(policy) else None
+    policy = policy.engine if is_vllm(policy) else gathered.current(policy)
     ids, mask = pad([p + a for p, a in zip(prompts, answers)], pad_id)
     actions = action_mask([len(p) for p in prompts], [len(a) for a in answers], ids.size(1))
     ids, mask, actions = ids.to(device), mask.to(device), actions.to(device)
@@ -85,6 +94,8 @@ def experience(
         scores, parts = scores
         terms = torch.stack([v.float() for v in parts.values()], dim=1) if parts else None
     policy.train()
+    if sampled is not None:
+        sampled = vllm_rollout.rollout_logprobs(sampled, [len(p) for p in prompts], ids.size(1)).to(device)
     return Experience(
         input_ids=ids,
         attention_mask=mask,
@@ -95,7 +106,19 @@ def experience(
         ref_logprobs=ref_logprobs,
         values=values,
         term_scores=terms,
+        rollout_logprobs=sampled,
     )
+
+
+def sampler(engine, cfg: DictConfig, run_dir, lora_r: int):
+    """What a policy's rollouts go through: vLLM (step.rollout.backend=vllm), the engine's whole copy
+    (step.rollout.gathered_copy, a ZeRO-3 policy), or the engine itself. The driver resolved and checked both keys."""
+    rollout = cfg.step.rollout
+    if rollout.backend == "vllm":
+        gen, longest = cfg.step.generation, int(cfg.step.max_prompt_len)
+        max_len = longest + int(gen.max_new_tokens)
+        return vllm_rollout.VllmRollout(engine, rollout.vllm, run_dir, cfg.precision.dtype, max_len, cfg.lora, lora_r)
+    return gathered.for_rollouts(engine, rollout.gathered_copy, cfg.lora, lora_r)
 
 
 def hybrid_engine_status(actor, enabled: bool) -> str | None:

@@ -30,7 +30,7 @@ from runner.data import batches
 from runner.data.prepare import load_prepared
 from runner.rl import advantages as estimators, kl, losses
 from runner.rl.experience import Experience
-from runner.train import checkpoint, engine as eng, gathered, loop, models, onpolicy, rollout
+from runner.train import checkpoint, engine as eng, loop, models, onpolicy, rollout
 from runner.train.engine import Dist
 
 
@@ -67,8 +67,8 @@ class GRPOTask:
 
         self.gen_config = rollout.generation_config(step.generation, self.pad, self.eos)
         self.synced = self.actor.zero_optimization_partition_weights() and dist.world > 1  # ZeRO-3: lockstep
-        # rollouts (generation and the policy's log-probs of the answers) by the engine or its whole copy
-        self.sampler = gathered.for_rollouts(self.actor, step.rollout.gathered_copy, cfg.lora, cfg.lora.r)
+        # rollouts (generation and the policy's log-probs of the answers) by vLLM, the engine's whole copy or the engine
+        self.sampler = rollout.sampler(self.actor, cfg, run_dir, cfg.lora.r)
         self.estimator = estimators.get(str(step.advantage))
         self.n, self.per_rank, self.micro = (
             int(step.rollout.n),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from runner.driver import checks
+from runner.driver import checks, rollouts
 from runner.errors import ConfigError
 from runner.paths import is_local_path
 from runner.stages.base import Method, Source
@@ -89,7 +89,8 @@ class GRPO(Method):
             )
         checks.lengths(cfg, self.positions(cfg), notes)
         checks.generation(cfg)
-        checks.gathered_copy(cfg, int(cfg.zero.stage), notes)
+        rollouts.backend(cfg, notes)
+        rollouts.gathered_copy(cfg, int(cfg.zero.stage), notes)
         checks.positive_int(cfg, "step.rollout.n", "step.rollout.prompts", "step.epochs")
         checks.positive_int(cfg, "step.dynamic_sampling.max_batches", "step.overlong.buffer")
         checks.non_negative(cfg, "step.kl.coef", "step.cliprange_low", "step.cliprange_high", "step.overlong.factor")

@@ -29,7 +29,7 @@ from runner.data import batches
 from runner.data.prepare import load_prepared
 from runner.rl import advantages as estimators
 from runner.rl.experience import Experience
-from runner.train import checkpoint, engine as eng, gathered, loop, models, onpolicy, rollout
+from runner.train import checkpoint, engine as eng, loop, models, onpolicy, rollout
 from runner.train.ema import EMA
 from runner.train.engine import Dist
 
@@ -80,8 +80,8 @@ class PPOTask:
         # rollout, advantages, stateful pieces
         self.gen_config = rollout.generation_config(step_cfg.generation, self.pad, self.eos)
         self.synced = self.actor.zero_optimization_partition_weights() and dist.world > 1  # ZeRO-3: lockstep
-        # rollouts (generation and the actor's log-probs of the answers) by the engine or its whole copy
-        self.sampler = gathered.for_rollouts(self.actor, step_cfg.rollout.gathered_copy, cfg.lora, actor.lora_r)
+        # rollouts (generation and the actor's log-probs of the answers) by vLLM, the engine's whole copy or the engine
+        self.sampler = rollout.sampler(self.actor, cfg, run_dir, actor.lora_r)
         self.estimator = estimators.get(str(step_cfg.advantage))
         self.kl = rl.KLController(step_cfg.kl.type, step_cfg.kl.coef, step_cfg.kl.target, step_cfg.kl.horizon)
         self.moments = rl.RunningMoments()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from runner.driver import checks
+from runner.driver import checks, rollouts
 from runner.errors import ConfigError
 from runner.paths import is_local_path
 from runner.stages.base import Method, Source
@@ -99,7 +99,8 @@ class PPO(Method):
             raise ConfigError("step.kl.type", f"unknown KL controller {step.kl.type!r}", "use fixed or adaptive")
         checks.in_range(cfg, 0, 1, "step.gamma", "step.lam", "step.ema.beta")
         checks.generation(cfg)
-        checks.gathered_copy(cfg, int(step.actor.zero.stage), notes, bool(step.hybrid_engine.enabled))
+        rollouts.backend(cfg, notes, bool(step.hybrid_engine.enabled))
+        rollouts.gathered_copy(cfg, int(step.actor.zero.stage), notes, bool(step.hybrid_engine.enabled))
         checks.positive(cfg, "step.cliprange", "step.cliprange_value", example="0.2")
         checks.non_negative(
             cfg,
