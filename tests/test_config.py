@@ -1172,3 +1172,17 @@ def test_dry_run_writes_only_its_plan(cli_dry_runs, preset):
         ["config.yaml", "overrides.yaml", "ds_config.json", "launch.sh", "plan.json", "plan.md", "status.json"]
     )
     assert json.loads((cwd / run_dir / "status.json").read_text())["status"] == "planned"
+
+
+def test_frozen_zero3_engines_fetch_parameters_as_the_zero_group_says(compose):
+    """A ZeRO-3 reference (and reward model, judge) keeps the `zero` group's parameter-fetch settings: a user's
+    persistence threshold reaches it, and by default it is DeepSpeed's 1e5 (not DeepSpeed-Chat's 1e4, under which
+    the tiny model's frozen engines gathered every weight for every forward pass)."""
+    from tests.helpers import CPU
+
+    base = ["step=grpo", "reward=tiny", "deployment=cpu", "deployment.nproc_per_node=2", "zero=stage3"]
+    for extra, expected in (([], 100000), (["zero.stage3_param_persistence_threshold=5000"], 5000)):
+        plan = make_plan(compose([*base, *extra]), CPU)
+        ref = plan.method.engine_configs(plan.cfg, plan.world_size, 1, "/nonexistent")["reference"]
+        assert ref["zero_optimization"]["stage3_param_persistence_threshold"] == expected
+        assert ref["zero_optimization"]["stage3_prefetch_bucket_size"] == plan.cfg.zero.stage3_prefetch_bucket_size

@@ -4,6 +4,7 @@ memory plan. vLLM itself needs a CUDA GPU (bench/gpu_check.sh runs it there); no
 
 from __future__ import annotations
 
+import json
 import types
 
 import pytest
@@ -14,7 +15,7 @@ from runner.driver.plan import make_plan
 from runner.errors import ConfigError
 from runner.rl.experience import action_mask
 from runner.train import rollout
-from runner.train.vllm_rollout import VllmRollout, answer_of, rollout_logprobs, sampling_kwargs
+from runner.train.vllm_rollout import VllmRollout, answer_of, model_config, rollout_logprobs, sampling_kwargs
 from tests.helpers import CPU, GPU, fake_exports, run_cli
 from tests.test_plan import assess
 
@@ -39,6 +40,7 @@ def test_sampling_settings_map_one_to_one():
         "top_k": -1,  # transformers' "off" (0/None) is vLLM's -1
         "repetition_penalty": 1.1,
         "stop_token_ids": [2],
+        "ignore_eos": True,
         "detokenize": False,
     }
     assert sampling_kwargs(_gen(top_k=5))["top_k"] == 5
@@ -94,6 +96,23 @@ def test_vllm_answers_are_scored_by_the_actor_and_the_mismatch_is_measured():
     assert chunk.rollout_logprobs.shape == chunk.logprobs.shape
 
 
+def test_vllm_builds_the_policys_architecture(tmp_path):
+    """vLLM builds its model from config.json: a policy built from a config (no `architectures`) and a LoRA policy
+    both name their causal-LM class there."""
+    from runner.train import models
+
+    model = OmegaConf.load("conf/model/tiny.yaml")
+    model.path, model.dropout = None, 0.0
+    plain = models.load_causal_lm(model, {"zero_optimization": {"stage": 0}}, "fp32")
+    assert not plain.config.architectures
+    lora = OmegaConf.create({"r": 4, "alpha": 16, "dropout": 0.0, "target_modules": "auto", "only_optimize": True})
+    adapted = models.load_causal_lm(model, {"zero_optimization": {"stage": 0}}, "fp32", lora=lora, lora_r=4)
+    for net in (plain, adapted):
+        model_config(net).save_pretrained(tmp_path)
+        assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["OPTForCausalLM"]
+    assert not plain.config.architectures  # the policy's own config is left as it was
+
+
 def test_on_cpu_vllm_is_a_clear_error(tmp_path):
     proc = run_cli(tmp_path, "step=grpo", "reward=tiny", "step.rollout.backend=vllm", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -110,6 +129,7 @@ def test_on_cpu_vllm_is_a_clear_error(tmp_path):
         (["step.rollout.vllm.gpu_memory_utilization=1.5"], "step.rollout.vllm.gpu_memory_utilization"),
         (["step.rollout.vllm.sleep_level=3"], "step.rollout.vllm.sleep_level"),
         (["step.rollout.vllm.max_num_seqs=0"], "step.rollout.vllm.max_num_seqs"),
+        (["step.generation.temperature=2.5"], "step.generation.temperature"),
     ],
 )
 def test_bad_vllm_settings_are_refused(compose, overrides, where):

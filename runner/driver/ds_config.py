@@ -134,12 +134,24 @@ def build_ds_config(cfg: DictConfig, world_size: int, total_steps: int, run_dir:
     return _deep_merge(ds, copy.deepcopy(extra))
 
 
+FETCH_KEYS = (  # how a ZeRO-3 engine fetches its partitioned parameters: frozen engines follow the `zero` group
+    "stage3_param_persistence_threshold",
+    "stage3_prefetch_bucket_size",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+)
+
+
 def inference_config(cfg: DictConfig, world_size: int, micro: int, stage: int, offload: bool) -> dict[str, Any]:
     """A frozen model's engine (a reference, a reward model): no optimizer, no scheduler; ZeRO-3 partitions it where
-    the engine it mirrors is ZeRO-3, and its weights live on the CPU when offloaded (which needs ZeRO-3)."""
+    the engine it mirrors is ZeRO-3, and its weights live on the CPU when offloaded (which needs ZeRO-3). Partitioned,
+    it fetches its parameters as the `zero` group says (FETCH_KEYS; DeepSpeed's defaults otherwise): DeepSpeed-Chat's
+    frozen engines partitioned every tensor above 1e4 elements, and gathering them again for every forward pass was
+    most of the tiny recipe's 2-rank reference forward."""
     zero: dict[str, Any] = {"stage": 3 if (stage == 3 or offload) else 0}
     if zero["stage"] == 3:
-        zero["stage3_param_persistence_threshold"] = 10000
+        if int(cfg.zero.stage) == 3:
+            zero.update({k: cfg.zero[k] for k in FETCH_KEYS if cfg.zero.get(k) is not None})
         if offload:
             zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.deployment.accelerator == "cuda"}
     ds: dict[str, Any] = {

@@ -65,6 +65,11 @@ def backend(cfg: DictConfig, notes: list[str], hybrid: bool = False) -> None:
             "rollout); 1: weights kept in host memory; 0: vLLM stays awake",
         )
     positive_int(cfg, f"{v}.max_num_seqs")
+    temperature = OmegaConf.select(cfg, "step.generation.temperature")
+    if OmegaConf.select(cfg, "step.generation.do_sample") and number(temperature) and temperature > 2:
+        raise ConfigError(
+            "step.generation.temperature", f"vLLM samples at temperatures up to 2, got {temperature}", f"or {key}=hf"
+        )
     if not isinstance(OmegaConf.select(cfg, f"{v}.enforce_eager"), bool):
         raise ConfigError(f"{v}.enforce_eager", "must be true or false")
     notes.append(

@@ -43,7 +43,7 @@ def sampling_params(config, seeds: list[int], logprobs: bool = True) -> list:
 
 def sampling_kwargs(config) -> dict:
     """The keyword arguments of vLLM's SamplingParams for a transformers GenerationConfig: greedy decoding is
-    temperature 0; top_k None/0 (off) is -1; the answer stops at (and keeps) the eos token."""
+    temperature 0; top_k None/0 (off) is -1; the answer stops at (and keeps) the eos token, and only at it."""
     sample = bool(config.do_sample)
     return {
         "n": 1,
@@ -53,6 +53,7 @@ def sampling_kwargs(config) -> dict:
         "top_k": int(config.top_k) if sample and config.top_k else -1,
         "repetition_penalty": float(config.repetition_penalty or 1.0),
         "stop_token_ids": [int(config.eos_token_id)],
+        "ignore_eos": True,  # only the eos above stops (as generate()), not others vLLM reads from the model's config
         "detokenize": False,
     }
 
@@ -68,13 +69,22 @@ def answer_of(completion, eos_id: int, max_new_tokens: int) -> tuple[list[int], 
     return ids, lps
 
 
+def model_config(module):
+    """The policy's transformers config as vLLM builds the model from it: a copy naming its architecture (a model
+    built from a config names none, and vLLM would take its base model, which cannot generate); LoRA's wrapper
+    skipped (its adapters are merged into the pushed weights)."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    config = base.config.__class__.from_dict(base.config.to_dict())
+    config.architectures = [type(base).__name__]
+    return config
+
+
 class VllmRollout:
     """Quacks like the policy's engine where rollouts use it (rollout.generate, onpolicy.judged_heldout): `module`,
     `zero_optimization_partition_weights()`; `engine` scores the answers. `last_logprobs` holds vLLM's log-probs of
     the last generate()'s answers for the mismatch metric."""
 
     def __init__(self, engine, settings, run_dir: Path, dtype: str, max_len: int, lora=None, lora_r: int = 0):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this rank's process
         from vllm import LLM
 
         self.engine, self.settings, self.lora, self.lora_r = engine, settings, lora, int(lora_r or 0)
@@ -84,7 +94,7 @@ class VllmRollout:
         # read of the checkpoint), pushed before the first generation
         model_dir = run_dir / "vllm_model"
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            engine.module.config.save_pretrained(model_dir)
+            model_config(engine.module).save_pretrained(model_dir)
         torch.distributed.barrier()
         self.llm = LLM(
             model=str(model_dir),
@@ -117,6 +127,7 @@ class VllmRollout:
         steps = int(self.engine.global_steps)
         stale = self.pushed_at != steps or (self.asleep and self.sleep_level == 2)
         if self.asleep:
+            torch.cuda.empty_cache()  # DeepSpeed's cached blocks back to the device before vLLM takes its share
             self.llm.wake_up(tags=["weights"])
         if stale:
             model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
@@ -129,6 +140,7 @@ class VllmRollout:
                     model.load_weights(list(state.items()))
             self.pushed_at = steps
         if self.asleep:
+            torch.cuda.empty_cache()
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
         if stale:
