@@ -1,7 +1,8 @@
 """Time per PPO and per GRPO iteration of the tiny recipes, this checkout against another git revision, in one run:
 the runs of the two revisions are interleaved (base, this, base, this, ... for every setup and round), so a machine
 whose load changes during the benchmark slows both alike. Prints each revision's median seconds per step (and its
-generation / experience / training split) and the ratio base / this (> 1: this checkout is faster).
+generation / experience / training split), the ratio base / this (> 1: this checkout is faster) and the range of the
+rounds' ratios (the machine's noise).
 
     python bench/bench_rl.py --base ec2b900                  # tiny SFT and reward stages first (~1 min), then the runs
     python bench/bench_rl.py --base ec2b900 --sft DIR --reward DIR --steps 20 --rounds 3 --only ppo
@@ -110,14 +111,16 @@ def main() -> None:
                     flush=True,
                 )
     print(f"\nbase = {args.base}, this = the checkout; medians over rounds of seconds per step (gen / exp / train)")
-    print("| method | setup | base s/step | this s/step | base/this | generation | experience | training |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| method | setup | base s/step | this s/step | base/this | rounds | generation | experience | training |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for (method, name), pairs in results.items():
         base_s = statistics.median(b["step_time_s"] for b, _ in pairs)
         this_s = statistics.median(t["step_time_s"] for _, t in pairs)
         ratio = {k: statistics.median(b[k] / t[k] for b, t in pairs) for k in PARTS}
+        rounds = [b["step_time_s"] / t["step_time_s"] for b, t in pairs]  # the spread: this machine's noise
         print(
             f"| {method} | {name} | {base_s:.3f} | {this_s:.3f} | {ratio['step_time_s']:.2f}x | "
+            f"{min(rounds):.2f}-{max(rounds):.2f}x | "
             f"{ratio['gen_time_s']:.2f}x | {ratio['experience_time_s']:.2f}x | {ratio['train_time_s']:.2f}x |"
         )
 
