@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # (bench._revisions, when run as a script)
 
 
 def after_warmup(values):
