@@ -154,3 +154,14 @@ def test_the_readme_group_table_lists_every_option():
             options -= {"stage1", "stage2"}
         missing = {o for o in options if f"`{o}`" not in rows[group]}
         assert not missing, f"README's `{group}` row lacks {sorted(missing)}"
+
+
+def test_bench_scripts_find_the_bench_package_when_run_as_scripts():
+    """`python bench/X.py` puts bench/ on the path, not the repository: a script that imports `bench.…` (even lazily,
+    as `--base REV` does) must put the repository on sys.path first, at module level."""
+    for script in sorted((Path(__file__).parent.parent / "bench").glob("*.py")):
+        text = script.read_text()
+        first = re.search(r"^\s*from bench[._]", text, re.MULTILINE)
+        if first and script.name != "_revisions.py":
+            insert = re.search(r"^sys\.path\.insert\(0, ", text, re.MULTILINE)
+            assert insert and insert.start() < first.start(), f"{script.name}: sys.path.insert before `from bench`"
