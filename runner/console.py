@@ -48,7 +48,8 @@ class Progress:
     of what it shows when `flush` is asked for."""
 
     def __init__(self, name: str, total: int, start: int, every_s: float = 1.0):
-        self.n, self.post, self.every_s, self.sent = start, {}, every_s, 0.0
+        self.n, self.post, self.every_s = start, {}, every_s
+        self.sent = float("-inf")  # the first advance is shown at once (time.monotonic() may start near 0 at boot)
         emit(bar=name, total=total, n=start)
 
     def advance(self, n: int = 1) -> None:

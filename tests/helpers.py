@@ -154,6 +154,12 @@ def tensorboard_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
 
 def spawn_rank(target) -> dict:
     """`target(port, queue)` in a fresh process (its own process group on a free port); what it put on the queue."""
+    return spawn_ranks(target, 1)[0]
+
+
+def spawn_ranks(target, world: int) -> list:
+    """`target(port, queue, rank, world)` in `world` fresh processes sharing a free port (one process group);
+    what each put on the queue, by rank (each puts one (rank, value) pair; a 1-process target takes (port, queue))."""
     import socket
 
     import torch.multiprocessing as mp
@@ -163,9 +169,12 @@ def spawn_rank(target) -> dict:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(port, queue))
-    proc.start()
-    out = queue.get(timeout=300)
-    proc.join(timeout=60)
-    assert proc.exitcode == 0
-    return out
+    args = [(port, queue)] if world == 1 else [(port, queue, rank, world) for rank in range(world)]
+    procs = [ctx.Process(target=target, args=a) for a in args]
+    for proc in procs:
+        proc.start()
+    got = [queue.get(timeout=300) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    return got if world == 1 else [value for _, value in sorted(got, key=lambda pair: pair[0])]

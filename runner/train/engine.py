@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from runner import console, shm
+from runner.train import zero3_gather
 
 
 @dataclasses.dataclass
@@ -60,6 +61,7 @@ def init_distributed(threads: int | None, parallel: DictConfig | None = None) ->
     deepspeed.init_distributed()
     if torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()  # every rank has mapped every rank's CPU all-reduce buffer
+        zero3_gather.install()  # (CPU ranks) one all-gather for ZeRO-3's persistent parameters, not one per tensor
     shm.release(os.environ["MASTER_PORT"], os.environ["MASTER_ADDR"], os.environ["RANK"])  # (runner/shm.py)
     local_rank = int(os.environ["LOCAL_RANK"])
     accel = get_accelerator()
