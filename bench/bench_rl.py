@@ -7,6 +7,7 @@ rounds' ratios (the machine's noise).
     python bench/bench_rl.py --base ec2b900                  # tiny SFT and reward stages first (~1 min), then the runs
     python bench/bench_rl.py --base ec2b900 --sft DIR --reward DIR --steps 20 --rounds 3 --only ppo
     python bench/bench_rl.py --base ec2b900 --ranks 1 --this deployment.omp_wait_policy=null   # the code's share
+    python bench/bench_rl.py --base ec2b900 --ranks 1 --set deployment.threads_per_rank=1      # both on one thread
 
 Setups: 1 rank at ZeRO-0, and 2 ranks with ZeRO-3 (PPO: actor and critic). Per run: the median over the steps after
 the first 3 (warm-up); per setup: the median over rounds of the per-round ratio.
@@ -76,6 +77,7 @@ def main() -> None:
     ap.add_argument("--only", choices=("ppo", "grpo"))
     ap.add_argument("--ranks", type=int, choices=(1, 2), help="only the setups of this many ranks")
     ap.add_argument("--this", action="append", default=[], help="an override for this checkout's runs only")
+    ap.add_argument("--set", action="append", default=[], help="an override for both revisions' runs")
     args = ap.parse_args()
     here = Path(__file__).resolve().parent.parent
     work = Path(tempfile.mkdtemp(prefix="bench_rl_"))
@@ -99,7 +101,7 @@ def main() -> None:
         for r in range(args.rounds):
             for method, name, overrides in cases:
                 got = {}
-                for label, tree, own in (("base", base, []), ("this", here, args.this)):
+                for label, tree, own in (("base", base, args.set), ("this", here, args.set + args.this)):
                     out = work / f"{method}-{name[0]}-{label}-{r}"
                     got[label] = medians(
                         runner(tree, work, *overrides, *own, f"train.max_steps={args.steps}", f"run_dir={out}")

@@ -3,10 +3,11 @@
 After every optimizer step, DeepSpeed's ZeRO-3 gathers the parameters it keeps whole between steps (those under
 `stage3_param_persistence_threshold`: biases, norms, small matrices) through `Init._allgather_params_coalesced`,
 which, despite its name, launches one collective per parameter. On GPUs those are cheap asynchronous NCCL calls;
-with gloo on a CPU each one is a round trip between the ranks: measured here, 36 small all-gathers between 2 ranks
-took ~10x one all-gather of their concatenation. This module makes that call one all-gather of a flat buffer
-holding every parameter's partition, then gives each parameter a view of its gathered whole, as DeepSpeed's own
-version does. Gathering is a copy, so the parameters are bitwise the same as DeepSpeed's (a test compares them).
+with gloo on a CPU each one is a round trip between the ranks: the tiny model's 35 took 12-17x as long as one
+all-gather of their concatenation (`python bench/bench_allgather.py`). This module makes that call one all-gather of
+a flat buffer holding every parameter's partition, then gives each parameter a view of its gathered whole, as
+DeepSpeed's own version does. Gathering is a copy, so the parameters are bitwise the same as DeepSpeed's (a test
+compares them).
 
 It applies only where it is known to be right: the CPU accelerator, the DeepSpeed versions whose method it was
 written against, unquantized parameters of one dtype in one process group, no hierarchical (ZeRO++ hpZ) gather.
