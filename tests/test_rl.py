@@ -17,6 +17,8 @@ def test_logprobs_score_the_next_token():
     assert torch.allclose(lp, torch.log(torch.tensor([[0.2, 0.8]])))
     ent = rl.entropy_of(logits)
     assert ent[0, 0] == pytest.approx(-(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1)), rel=1e-5)
+    both = rl.logprobs_and_entropy(logits, ids)  # one log-softmax for the two: the same numbers
+    assert torch.equal(both[0], lp) and torch.equal(both[1], ent)
 
 
 def test_token_rewards_put_the_clipped_score_on_the_last_answer_token():

@@ -18,6 +18,7 @@ _API = {
     "entropy_of": "ops",
     "last_index": "ops",
     "logprobs_of": "ops",
+    "logprobs_and_entropy": "ops",
     "masked_mean": "ops",
     "whiten": "ops",
 }

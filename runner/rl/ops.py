@@ -20,6 +20,12 @@ def logprobs_of(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
+def logprobs_and_entropy(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logprobs_of and entropy_of from one log-softmax (the (B, T, V) float copy is made once, not twice)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
 def entropy_of(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of each next-token distribution: (B, T, V) -> (B, T-1)."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from runner.data.batches import pad
 from runner.rl.experience import Experience, action_mask
-from runner.rl.ops import entropy_of, logprobs_of, masked_mean
+from runner.rl.ops import logprobs_and_entropy, logprobs_of, masked_mean
 from runner.train import gathered, vllm_rollout
 
 
@@ -81,8 +81,8 @@ def experience(
     policy.eval()
     with torch.no_grad():
         logits = policy(input_ids=ids, attention_mask=mask).logits
-        logprobs = logprobs_of(logits, ids)
-        entropy = masked_mean(entropy_of(logits), actions)
+        logprobs, entropy = logprobs_and_entropy(logits, ids)
+        entropy = masked_mean(entropy, actions)
         del logits
         ref_logprobs = (
             logprobs_of(reference(input_ids=ids, attention_mask=mask).logits, ids) if reference is not None else None
