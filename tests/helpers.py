@@ -152,6 +152,33 @@ def tensorboard_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
+def adamw(lr: float, weight_decay: float = 0.0, no_decay=("bias",), fused: bool = True):
+    """The optimizer keys runner.train.engine.initialize reads: torch's AdamW, betas (0.9, 0.95), eps 1e-8."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(
+        {
+            "name": "AdamW",
+            "impl": "torch",
+            "lr": lr,
+            "betas": [0.9, 0.95],
+            "eps": 1e-8,
+            "weight_decay": weight_decay,
+            "no_decay": list(no_decay),
+            "fused": fused,
+        }
+    )
+
+
+def tiny_model():
+    """conf/model/tiny.yaml as the model group of a run built from its architecture: no weights, no dropout."""
+    from omegaconf import OmegaConf
+
+    model = OmegaConf.load(CONF / "model" / "tiny.yaml")
+    model.path, model.dropout = None, 0.0
+    return model
+
+
 def spawn_rank(target) -> dict:
     """`target(port, queue)` in a fresh process (its own process group on a free port); what it put on the queue."""
     return spawn_ranks(target, 1)[0]

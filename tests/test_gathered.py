@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from runner.driver.plan import make_plan
 from runner.errors import ConfigError
 from runner.train.gathered import blocks
-from tests.helpers import CPU, spawn_rank
+from tests.helpers import CPU, adamw, spawn_rank, tiny_model
 
 
 def test_blocks_group_parameters_by_transformer_block():
@@ -51,16 +51,11 @@ def _copy_vs_engine(port: int, queue) -> None:
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # every tensor partitioned
         "steps_per_print": 10**9,
     }
-    model = OmegaConf.load("conf/model/tiny.yaml")
-    model.path, model.dropout = None, 0.0
+    model = tiny_model()
     lora = OmegaConf.create({"r": 4, "alpha": 16, "dropout": 0.0, "target_modules": "auto", "only_optimize": True})
     torch.manual_seed(0)
     net = models.load_causal_lm(model, ds, "fp32", lora=lora, lora_r=4)
-    opt = OmegaConf.create(
-        {"name": "AdamW", "impl": "torch", "lr": 1e-2, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0}
-    )
-    opt.no_decay, opt.fused = ["bias"], True
-    engine = eng.initialize(net, opt, ds)
+    engine = eng.initialize(net, adamw(1e-2), ds)
     copy = GatheredCopy(engine, lora, 4)
     ids = torch.randint(3, int(model.arch.vocab_size), (4, 16), generator=torch.Generator().manual_seed(1))
     out = {"partitioned": all(p.numel() == 0 for p in engine.module.parameters())}

@@ -16,7 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.helpers import spawn_rank
+from tests.helpers import adamw, spawn_rank
 
 STEPS = 20
 SKIP_STEPS = 4
@@ -48,19 +48,7 @@ def _train(port: int, queue) -> None:
     for name, fused, allreduce in (("loop", False, True), ("loop_skip", False, False), ("fused", True, False)):
         torch.manual_seed(0)
         model = OPTForCausalLM(OPTConfig(**arch, max_position_embeddings=32, dropout=0.0))
-        opt = OmegaConf.create(
-            {
-                "name": "AdamW",
-                "impl": "torch",
-                "lr": 1e-2,
-                "betas": [0.9, 0.95],
-                "eps": 1e-8,
-                "weight_decay": 0.1,
-                "no_decay": ["bias"],
-                "fused": fused,
-            }
-        )
-        engine = eng.initialize(model, opt, dict(ds))
+        engine = eng.initialize(model, adamw(1e-2, weight_decay=0.1, fused=fused), dict(ds))
         out[name + "_skipped"] = not engine.enable_backward_allreduce
         engine.enable_backward_allreduce = allreduce  # "loop": DeepSpeed's own path, all-reducing with itself
         for ids in data:
@@ -85,10 +73,7 @@ def _curves(port: int, queue) -> None:
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     arch = OmegaConf.to_container(OmegaConf.load("conf/model/tiny.yaml").arch)
-    opt = OmegaConf.create(
-        {"name": "AdamW", "impl": "torch", "lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.01}
-    )
-    opt.no_decay, opt.fused = ["bias", "layer_norm.weight"], True
+    opt = adamw(1e-3, weight_decay=0.01, no_decay=("bias", "layer_norm.weight"))
     g = torch.Generator().manual_seed(0)
     pair = [torch.randint(3, arch["vocab_size"], (4, 32), generator=g) for _ in range(2)]
     batches = [pair[i % 2] for i in range(STEPS)]  # two batches seen ten times each: a loss that falls fast

@@ -6,9 +6,8 @@ from __future__ import annotations
 import os
 
 import torch
-from omegaconf import OmegaConf
 
-from tests.helpers import spawn_ranks
+from tests.helpers import adamw, spawn_ranks, tiny_model
 
 
 def _two_ranks(port: int, queue, rank: int, world: int) -> None:
@@ -30,12 +29,7 @@ def _two_ranks(port: int, queue, rank: int, world: int) -> None:
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100000},  # DeepSpeed's default
         "steps_per_print": 10**9,
     }
-    model = OmegaConf.load("conf/model/tiny.yaml")
-    model.path, model.dropout = None, 0.0
-    opt = OmegaConf.create(
-        {"name": "AdamW", "impl": "torch", "lr": 1e-2, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0}
-    )
-    opt.no_decay, opt.fused = ["bias"], True
+    model, opt = tiny_model(), adamw(1e-2)
     calls = []
     flat = zero3_gather.gather_flat
     zero3_gather.gather_flat = lambda *a: (calls.append(len(a[0])), flat(*a))[1]

@@ -34,9 +34,10 @@ def install() -> bool:
     original = Init._allgather_params_coalesced
 
     def allgather_params_coalesced(self, param_list, hierarchy=0, quantize=False):
-        if quantize or hierarchy or not flat_gather_applies(self, param_list):
+        target = None if quantize or hierarchy else flat_target(self, param_list)
+        if target is None:
             return original(self, param_list, hierarchy, quantize)
-        gather_flat(param_list, self._partition_world_size(param_list[0]), self.get_partition_dp_group(param_list[0]))
+        gather_flat(param_list, *target)
         return None
 
     allgather_params_coalesced.runner_flat = True
@@ -44,18 +45,21 @@ def install() -> bool:
     return True
 
 
-def flat_gather_applies(init, params: list) -> bool:
+def flat_target(init, params: list) -> tuple[int, object] | None:
+    """(world size, process group) when one flat gather serves `params`: at least two, all unquantized, of one dtype
+    and partitioned over the same group of more than one rank; else None (DeepSpeed's own method)."""
     if len(params) < 2:
-        return False
+        return None
     first = params[0]
     group, world, dtype = init.get_partition_dp_group(first), init._partition_world_size(first), first.ds_tensor.dtype
-    return world > 1 and all(
+    same = all(
         p.ds_tensor.dtype == dtype
         and init.get_partition_dp_group(p) is group
         and init._partition_world_size(p) == world
         and not hasattr(p.ds_tensor, "ds_quant_scale")
         for p in params
     )
+    return (world, group) if world > 1 and same else None
 
 
 def gather_flat(params: list, world: int, group) -> None:
