@@ -4,6 +4,8 @@
     python bench/bench_sft.py --zero stage2 --steps 400 --rounds 3
     python bench/bench_sft.py --base ec2b900        # this checkout vs revision ec2b900: SFT and the reward stage
     python bench/bench_sft.py --base ec2b900 --ranks 2 --zero stage2 --stages sft
+    python bench/bench_sft.py --base ec2b900 --set deployment.threads_per_rank=1   # both on one thread per rank
+    python bench/bench_sft.py --base ec2b900 --this deployment.omp_wait_policy=null  # OpenMP's spin, as ec2b900
 
 With --base REV it compares this checkout's runner with REV's (a worktree of it, bench/_revisions.py) instead of the
 hand-written loop: per stage, the two run in alternating order in each round, and the ratio this/base of the median
@@ -88,6 +90,7 @@ def compare_revisions(args):
     from bench._revisions import checkout
 
     extra = ["deployment=cpu", f"deployment.nproc_per_node={args.ranks}"] if args.ranks > 1 else []
+    extra += args.set
     rows = []
     with checkout(args.base) as base:
         for stage in args.stages.split(","):
@@ -100,7 +103,8 @@ def compare_revisions(args):
                 order = (("this", REPO), ("base", base)) if i % 2 == 0 else (("base", base), ("this", REPO))
                 this_round = {}
                 for who, root in order:
-                    run_dir, t, _ = run_runner(cwd, args.zero, args.steps, args.log_every, root, over)
+                    own = over + args.this if who == "this" else over
+                    run_dir, t, _ = run_runner(cwd, args.zero, args.steps, args.log_every, root, own)
                     tps[who] += t
                     this_round[who] = statistics.median(t)
                     losses[who].append(last_loss(run_dir))
@@ -112,7 +116,8 @@ def compare_revisions(args):
             rows.append(
                 (stage, ratio, statistics.median(paired), len(tps["this"]), losses["this"][-1], losses["base"][-1])
             )
-    print(f"\nbase={args.base} zero={args.zero} ranks={args.ranks} steps={args.steps} rounds={args.rounds}")
+    setting = f"base={args.base} zero={args.zero} ranks={args.ranks} steps={args.steps} rounds={args.rounds}"
+    print("\n" + setting, *args.set, *args.this)
     print("| stage | this/base: median intervals | this/base: median of rounds | intervals | last loss this, base |")
     print("|---|---|---|---|---|")
     for stage, ratio, pair, n, a, b in rows:
@@ -128,6 +133,8 @@ def main():
     ap.add_argument("--base", help="a git revision to compare this checkout with (instead of the hand-written loop)")
     ap.add_argument("--stages", default="sft,reward", help="with --base: the stages compared")
     ap.add_argument("--ranks", type=int, default=1, help="with --base: CPU ranks (deployment=cpu)")
+    ap.add_argument("--set", action="append", default=[], help="with --base: an override for both revisions' runs")
+    ap.add_argument("--this", action="append", default=[], help="with --base: an override for this checkout's runs")
     args = ap.parse_args()
     if args.base:
         return compare_revisions(args)

@@ -139,6 +139,13 @@ def _meta_model(model: DictConfig, tokenizer):
         return AutoModelForCausalLM.from_config(config)
 
 
+def planned_params(model: DictConfig) -> int:
+    """The model's parameter count, the cheapest way known: its preset's figure, a local checkpoint's safetensors
+    headers, else its architecture built on the meta device (seconds: it imports transformers' model code)."""
+    counted = None if model.get("num_params") else weights_numel(model.get("path"))
+    return counted[0] if counted else count_params(model)
+
+
 def count_params(model: DictConfig, tokenizer=None) -> int:
     if model.get("num_params"):
         return int(model.num_params)

@@ -271,7 +271,7 @@ def test_deployment_auto_on_gpus_picks_single_node(compose):
 def test_deployment_auto_without_gpus_picks_one_cpu_rank(compose):
     plan = make_plan(compose([]), CPU)
     dep = plan.deployment
-    assert (dep.name, dep.accelerator, dep.nproc_per_node, dep.threads_per_rank) == ("cpu", "cpu", 1, 2)
+    assert (dep.name, dep.accelerator, dep.nproc_per_node, dep.threads_per_rank) == ("cpu", "cpu", 1, 1)
     assert (plan.cfg.precision.dtype, plan.cfg.optimizer.impl, plan.world_size) == ("fp32", "torch", 1)
     assert launch.launcher_command(dep, RUN) == [
         "deepspeed",
@@ -725,10 +725,39 @@ def test_cpu_command(compose):
 def test_cpu_omp_wait_policy(compose):
     """One CPU rank with every core: its idle OpenMP threads sleep (deployment.omp_wait_policy); null leaves
     OpenMP's default; single-threaded ranks have no OpenMP team to wait."""
-    one = launch.worker_env(make_plan(compose(["deployment=cpu"]), CPU).deployment)
+    one = launch.worker_env(make_plan(compose(["deployment=cpu", "model=opt-125m"]), CPU).deployment)
     assert one["OMP_NUM_THREADS"] == str(CPU.cpus) and one["OMP_WAIT_POLICY"] == "PASSIVE"
-    off = make_plan(compose(["deployment=cpu", "deployment.omp_wait_policy=null"]), CPU).deployment
+    off = make_plan(compose(["deployment=cpu", "model=opt-125m", "deployment.omp_wait_policy=null"]), CPU).deployment
     assert "OMP_WAIT_POLICY" not in launch.worker_env(off)
+    tiny = launch.worker_env(make_plan(compose(["deployment=cpu"]), CPU).deployment)
+    assert tiny["OMP_NUM_THREADS"] == "1" and "OMP_WAIT_POLICY" not in tiny
+
+
+GROWN = [  # the tiny model at 13M parameters, counted from its architecture (no preset figure)
+    "model.arch.hidden_size=512",
+    "model.arch.word_embed_proj_dim=512",
+    "model.arch.ffn_dim=2048",
+    "model.arch.num_hidden_layers=4",
+    "model.num_params=null",
+    "model.largest_layer_params=null",
+]
+
+
+def test_cpu_threads_auto_follow_the_models_size(compose):
+    """deployment.threads_per_rank=auto on CPU ranks: one thread for a model under 3M parameters (the tiny model
+    trained 1.3-1.5x faster on one thread than on two), the rank's share of the cores for a bigger one (counted from
+    its preset, or from its architecture); a number is kept; GPU ranks keep torch's default."""
+    tiny = make_plan(compose(["deployment=cpu"]), CPU)
+    assert tiny.deployment.threads_per_rank == 1
+    assert [n for n in tiny.notes if "threads_per_rank=auto chose 1" in n and "560,896 parameters" in n]
+    for big in (["model=opt-125m"], GROWN):
+        plan = make_plan(compose(["deployment=cpu", *big]), CPU)
+        assert plan.deployment.threads_per_rank == CPU.cpus and not [n for n in plan.notes if "threads_per" in n]
+    assert make_plan(compose(["deployment=cpu", "deployment.threads_per_rank=2"]), CPU).deployment.threads_per_rank == 2
+    wide = Hardware(cuda_devices=0, bf16=False, cpus=16)
+    two = make_plan(compose(["deployment=cpu", "deployment.nproc_per_node=2", *GROWN]), wide)
+    assert two.deployment.threads_per_rank == 8
+    assert make_plan(compose([]), GPU).deployment.threads_per_rank is None
 
 
 def test_cpu_ranks_beyond_cores(compose):

@@ -185,10 +185,33 @@ def resolve_deployment(cfg: DictConfig, hw: Hardware, dry_run: bool, notes: list
             f"nnodes={nnodes} needs a rendezvous endpoint",
             "set deployment.rdzv_endpoint=HOST:PORT (the same on every node)",
         )
-    if dep.threads_per_rank == "auto":
-        dep.threads_per_rank = max(1, hw.cpus // nproc) if dep.accelerator == "cpu" else None
     _port(dep)
     return nnodes * nproc, {f"node{i}": nproc for i in range(nnodes)}
+
+
+# Parameters below which one torch thread per CPU rank beats several (runner SFT, tokens/s, 2 idle cores: 0.56M
+# parameters 1.3-1.5x faster on one thread than on two, 3.4M even, 13M 1.25-1.45x slower; a 2-thread rank's idle
+# OpenMP threads are woken for every small operation: bench/bench_threads.py)
+ONE_THREAD_BELOW = 3_000_000
+
+
+def resolve_threads(cfg: DictConfig, cpus: int, notes: list[str], params) -> None:
+    """deployment.threads_per_rank: auto -> on CPU ranks, one thread for a model under ONE_THREAD_BELOW parameters
+    (`params()`: the trained model's count, asked only then), else the cores per rank; on GPUs, torch's default."""
+    dep = cfg.deployment
+    if dep.threads_per_rank != "auto":
+        return
+    cores = max(1, cpus // dep.nproc_per_node)
+    if dep.accelerator != "cpu" or cores == 1:
+        dep.threads_per_rank = cores if dep.accelerator == "cpu" else None
+        return
+    n = params()
+    dep.threads_per_rank = 1 if n < ONE_THREAD_BELOW else cores
+    if n < ONE_THREAD_BELOW:
+        notes.append(
+            f"deployment.threads_per_rank=auto chose 1 torch thread per rank, not {cores}: a model of {n:,} "
+            f"parameters trains faster on one (set deployment.threads_per_rank={cores} to use every core)"
+        )
 
 
 def _port(dep: DictConfig) -> None:

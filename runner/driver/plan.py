@@ -14,10 +14,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from runner import stages
+from runner import modeling, stages
 from runner.data import packing
 from runner.driver import checks, hardware, optimizers, parallel
-from runner.driver.deployment import Hardware, resolve_deployment
+from runner.driver.deployment import Hardware, resolve_deployment, resolve_threads
 from runner.errors import ConfigError
 from runner.paths import is_local_path, local
 
@@ -301,6 +301,7 @@ def make_plan(cfg: DictConfig, hw: Hardware | None = None) -> Plan:
     checks.adapt(cfg, method.adapts_batch, notes)
     _validate_reward(cfg, method, notes)
     _validate_model(cfg, notes, model_key)
+    resolve_threads(cfg, hw.cpus, notes, lambda: modeling.planned_params(cfg.model))
     _validate_data(cfg, method, notes)
     parallel.check(cfg, world, nodes, notes)
     if not isinstance(cfg.lora.r, int) or cfg.lora.r < 0:
