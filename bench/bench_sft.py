@@ -35,8 +35,9 @@ def after_warmup(values):
     return values[1:] if len(values) > 1 else values
 
 
-def run_runner(cwd, zero, steps, log_every, root=REPO, extra=()):
-    """One run of the runner whose code is at `root`; -> run dir, its interval tokens/s, mean padding share."""
+def run_runner(cwd, zero, steps, log_every, root=REPO, extra=(), env=None):
+    """One run of the runner whose code is at `root` (in `env`, default this process's environment); -> run dir, its
+    interval tokens/s, mean padding share."""
     cmd = [
         sys.executable,
         "-m",
@@ -50,7 +51,7 @@ def run_runner(cwd, zero, steps, log_every, root=REPO, extra=()):
         "train.save_every=0",
         "train.export=false",
     ]
-    env = {**os.environ, "PYTHONPATH": str(root)}  # the ranks import the same tree as the driver
+    env = {**(os.environ if env is None else env), "PYTHONPATH": str(root)}  # the ranks import the driver's tree
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     if done.returncode:
         raise SystemExit(f"error: {' '.join(cmd)} in {root} failed:\n{done.stderr[-3000:]}")

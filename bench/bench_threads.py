@@ -16,9 +16,7 @@ first interval. Prints the medians over rounds and each variant's ratio to the f
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -26,6 +24,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench.bench_sft import run_runner  # noqa: E402
+
 SIZES = {  # parameters -> the tiny model's architecture grown (hidden, layers, ffn); its vocabulary stays 1024
     "0.56m": (128, 2, 512),
     "3.4m": (256, 4, 1024),
@@ -54,16 +55,8 @@ def overrides(size: str, threads: str, wait: str) -> tuple[list[str], dict]:
 
 
 def tokens_per_s(cwd: str, steps: int, args: list[str], env: dict) -> float:
-    cmd = [sys.executable, "-m", "runner", f"train.max_steps={steps}", "train.log_every=10", "train.eval_every=0"]
-    cmd += ["train.eval_max_batches=1", "train.save_every=0", "train.export=false", *args]
-    env = {**env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise SystemExit(f"error: {' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    run_dir = Path(re.search(r"^run directory: (.+)$", done.stdout, re.MULTILINE).group(1))
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    tps = [r["train/tokens_per_s"] for r in rows if "train/tokens_per_s" in r][1:-1]  # warm-up, final bookkeeping
-    return statistics.median(tps)
+    """The median interval tokens/s of one SFT run (bench_sft.run_runner: warm-up and final interval dropped)."""
+    return statistics.median(run_runner(cwd, "stage0", steps, 10, REPO, args, {**env, "HF_HUB_OFFLINE": "1"})[1])
 
 
 def main():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -195,23 +196,25 @@ def resolve_deployment(cfg: DictConfig, hw: Hardware, dry_run: bool, notes: list
 ONE_THREAD_BELOW = 3_000_000
 
 
-def resolve_threads(cfg: DictConfig, cpus: int, notes: list[str], params) -> None:
+def resolve_threads(cfg: DictConfig, cpus: int, notes: list[str], params: Callable[[], int]) -> None:
     """deployment.threads_per_rank: auto -> on CPU ranks, one thread for a model under ONE_THREAD_BELOW parameters
-    (`params()`: the trained model's count, asked only then), else the cores per rank; on GPUs, torch's default."""
+    (`params()`: the trained model's count, asked only when a rank has more than one core), else the cores per rank;
+    on GPUs, torch's default."""
     dep = cfg.deployment
     if dep.threads_per_rank != "auto":
         return
-    cores = max(1, cpus // dep.nproc_per_node)
-    if dep.accelerator != "cpu" or cores == 1:
-        dep.threads_per_rank = cores if dep.accelerator == "cpu" else None
+    if dep.accelerator != "cpu":
+        dep.threads_per_rank = None
         return
-    n = params()
-    dep.threads_per_rank = 1 if n < ONE_THREAD_BELOW else cores
-    if n < ONE_THREAD_BELOW:
+    cores = max(1, cpus // dep.nproc_per_node)
+    if cores > 1 and (n := params()) < ONE_THREAD_BELOW:
+        dep.threads_per_rank = 1
         notes.append(
             f"deployment.threads_per_rank=auto chose 1 torch thread per rank, not {cores}: a model of {n:,} "
             f"parameters trains faster on one (set deployment.threads_per_rank={cores} to use every core)"
         )
+    else:
+        dep.threads_per_rank = cores
 
 
 def _port(dep: DictConfig) -> None:

@@ -55,7 +55,7 @@ def memory_fit(p: planning.Plan, sizes: dict) -> tuple[dict, dict]:
     # a local checkpoint's safetensors headers count its weights in milliseconds; building even a meta model of the
     # architecture imports transformers' model code and torch (seconds)
     counted = None if model.get("num_params") else modeling.weights_numel(model.get("path"))
-    arch_params = counted[0] if counted else modeling.count_params(model)
+    arch_params = modeling.planned_params(model)
     largest = counted[1] if counted else model.get("largest_layer_params") or modeling.largest_layer(model)
     sizes = {"": (arch_params, largest), **{k: v for k, v in sizes.items() if v}}
     configs = p.method.engine_configs(p.cfg, p.world_size, 1, "/nonexistent")
