@@ -758,6 +758,10 @@ def test_cpu_threads_auto_follow_the_models_size(compose):
     two = make_plan(compose(["deployment=cpu", "deployment.nproc_per_node=2", *GROWN]), wide)
     assert two.deployment.threads_per_rank == 8
     assert make_plan(compose([]), GPU).deployment.threads_per_rank is None
+    for bad in ("abc", "0", "-2", "1.5", "true"):
+        with pytest.raises(ConfigError) as err:
+            make_plan(compose(["deployment=cpu", f"deployment.threads_per_rank={bad}"]), CPU)
+        assert err.value.where == "deployment.threads_per_rank" and "positive" in str(err.value)
 
 
 def test_cpu_ranks_beyond_cores(compose):

@@ -201,7 +201,14 @@ def resolve_threads(cfg: DictConfig, cpus: int, notes: list[str], params: Callab
     (`params()`: the trained model's count, asked only when a rank has more than one core), else the cores per rank;
     on GPUs, torch's default."""
     dep = cfg.deployment
-    if dep.threads_per_rank != "auto":
+    threads = dep.threads_per_rank
+    if threads != "auto":
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise ConfigError(
+                "deployment.threads_per_rank",
+                f"must be a positive number of torch threads, auto or null, got {threads!r}",
+                "e.g. deployment.threads_per_rank=1, or auto (by the model's size and the cores per rank)",
+            )
         return
     if dep.accelerator != "cpu":
         dep.threads_per_rank = None
